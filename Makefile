@@ -1,0 +1,51 @@
+# fer_lightning: every command a user needs. `make help` lists them.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+MLFLOW_DB := sqlite:///$(CURDIR)/mlruns/mlflow.db
+HOST ?= 127.0.0.1
+PORT ?= 5000
+ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-slow lint format ui mlflow-server explore eval report predict export bench clean
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n", $$1, $$2}'
+	@echo "  pass options to a command with ARGS='...', e.g. make train ARGS='sampling=upsample loss=focal'"
+
+install: $(STAMP) ## build .venv and install the package (editable) with dev extras
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip >/dev/null
+	# torch first, from the pinned local wheels where they exist; pyproject asks only for ranges
+	$(BIN)/pip install "torch>=2.4" "torchvision>=0.19"
+	$(BIN)/pip install -e ".[dev]"
+	touch $(STAMP)
+
+train: install ## train the default experiment on the synthetic data, logged to MLflow
+	$(BIN)/fer-train $(ARGS)
+
+test: install ## run the test suite (fast tests; slow/gpu are excluded)
+	$(BIN)/pytest $(ARGS)
+
+test-slow: install ## run the slow tests too
+	$(BIN)/pytest -m "not gpu" $(ARGS)
+
+lint: install ## ruff
+	$(BIN)/ruff check fer_lightning tests
+	$(BIN)/ruff format --check fer_lightning tests
+
+format: install ## ruff format + autofix
+	$(BIN)/ruff check --fix fer_lightning tests
+	$(BIN)/ruff format fer_lightning tests
+
+ui: install ## MLflow UI on 127.0.0.1 over this project's store
+	@mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
+
+clean: ## remove caches and outputs (keeps mlruns/ and .venv)
+	rm -rf outputs multirun .pytest_cache .ruff_cache

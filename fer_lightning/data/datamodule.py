@@ -1,0 +1,286 @@
+"""FERDataModule: records -> checked, split, cached, sampled data loaders for one data config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from fer_lightning.data.checks import CheckReport, run_checks
+from fer_lightning.data.dataset import FERDataset
+from fer_lightning.data.records import SPLITS
+from fer_lightning.data.sampling import EpochSampler
+from fer_lightning.data.transforms import build_train_transform
+from fer_lightning.taxonomy import Taxonomy
+
+log = logging.getLogger(__name__)
+
+
+class DataConfigError(ValueError):
+    """A data setting that cannot work; the message names the config key."""
+
+
+def resolve_num_workers(value: Any) -> int:
+    """`auto` -> one worker per spare core (at most 8); otherwise the given count."""
+    if value in (None, "auto"):
+        return max(0, min(8, (os.cpu_count() or 1) - 1))
+    n = int(value)
+    if n < 0:
+        raise DataConfigError(f"data.num_workers must be >= 0 or 'auto', got {value!r}")
+    return n
+
+
+class FERDataModule(pl.LightningDataModule):
+    """Reads a data set through its format reader and serves train/val/test with the chosen sampling."""
+
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        *,
+        sampling: str = "none",
+        augment: Mapping[str, Any] | None = None,
+        seed: int = 0,
+        cache_dir: str | Path = "data_cache",
+        landmarks: bool = False,
+    ):
+        super().__init__()
+        self.cfg = dict(data)
+        self.sampling = sampling
+        self.augment = dict(augment or {})
+        self.seed = int(seed)
+        self.cache_dir = Path(cache_dir)
+        self.landmarks = landmarks
+        self.taxonomy = Taxonomy(self.cfg.get("extra_classes") or ())
+        self.class_ids = self.taxonomy.resolve_classes(self.cfg["classes"])
+        self.class_names = [self.taxonomy.name_of(c) for c in self.class_ids]
+        self.num_workers = resolve_num_workers(self.cfg.get("num_workers", "auto"))
+        self.records: pd.DataFrame | None = None
+        self.check_report: CheckReport | None = None
+        self.label_mapping: dict[str, str] = {}
+        self.leaks: pd.DataFrame | None = None
+        self.datasets: dict[str, FERDataset] = {}
+        self.root: Path | None = None
+
+    # ----------------------------------------------------------------- records
+    def resolve_root(self) -> Path:
+        """The data root; the synthetic data set is generated (once, cached by its parameters) here."""
+        synth = self.cfg.get("synthetic")
+        if synth:
+            from fer_lightning.data.synthetic import ensure_synthetic
+
+            return ensure_synthetic(self.cache_dir, **dict(synth))
+        root = self.cfg.get("root")
+        if root in (None, "", "???"):
+            raise DataConfigError("data.root is not set: pass data.root=/path/to/your/data set")
+        root = Path(os.path.expanduser(str(root)))
+        if not root.exists():
+            raise DataConfigError(f"data.root={root} does not exist: point data.root at the data set's folder")
+        return root
+
+    def load_records(self) -> pd.DataFrame:
+        """Read, subset, split and check the records (everything that can fail before training starts)."""
+        from fer_lightning.formats.registry import read_records
+
+        self.root = self.resolve_root()
+        reader_opts = dict(self.cfg.get("reader") or {})
+        if self.cfg.get("extra_classes"):
+            reader_opts["extra_classes"] = list(self.cfg["extra_classes"])
+        records = read_records(self.cfg["format"], self.root, **reader_opts)
+        self.label_mapping = dict(records.attrs.get("label_mapping", {}))
+        needs_split = bool(records.attrs.get("needs_split", False))
+        records = self._subset_classes(records)
+        records = self._split(records, needs_split)
+        records, self.check_report = run_checks(
+            records,
+            self.root,
+            classes=self.class_ids,
+            policy=str(self.cfg.get("checks", "error")),
+            decode=str(self.cfg.get("checks_decode", "header")),
+        )
+        for split in ("train", "val"):
+            if not (records["split"] == split).any():
+                raise DataConfigError(
+                    f"the {split} split is empty after reading {self.root} (format {self.cfg['format']}, "
+                    f"classes {self.class_names}); check data.root, data.classes and data.checks"
+                )
+        if not (records["split"] == "test").any():
+            log.warning("data set %s has no test split: the test stage is skipped", self.root)
+        self._check_leakage(records)
+        return records
+
+    def _subset_classes(self, records: pd.DataFrame) -> pd.DataFrame:
+        expr = records["expression"]
+        outside = expr.notna() & ~expr.isin(self.class_ids)
+        if outside.any():
+            dropped = records.loc[outside, "expression"].map(lambda c: self.taxonomy.name_of(int(c))).value_counts()
+            policy = self.cfg.get("other_classes", "drop")
+            if policy == "error":
+                first = records.loc[outside, "path"].head(5).tolist()
+                raise DataConfigError(
+                    f"{int(outside.sum())} rows carry labels outside data.classes={self.class_names} "
+                    f"({dict(dropped)}; first: {first}); add them to data.classes or set data.other_classes=drop"
+                )
+            log.info("dropped rows of classes outside data.classes: %s", dict(dropped))
+            records = records.loc[~outside].reset_index(drop=True)
+        return records
+
+    def _split(self, records: pd.DataFrame, needs_split: bool) -> pd.DataFrame:
+        from fer_lightning.data.splits import stratified_holdout, stratified_split
+
+        if needs_split:
+            fractions = dict(self.cfg.get("split_fractions") or {"train": 0.7, "val": 0.15, "test": 0.15})
+            return stratified_split(records, fractions=fractions, seed=self.seed)
+        if not (records["split"] == "val").any():
+            fraction = float(self.cfg.get("val_fraction", 0.1))
+            return stratified_holdout(records, fraction=fraction, seed=self.seed, source="train", target="val")
+        return records
+
+    def _check_leakage(self, records: pd.DataFrame) -> None:
+        leak_cfg = dict(self.cfg.get("leakage") or {})
+        if leak_cfg.get("policy", "warn") == "off":
+            return
+        from fer_lightning.data.leakage import check_leakage
+
+        self.leaks = check_leakage(
+            records,
+            self.root,
+            policy=str(leak_cfg.get("policy", "warn")),
+            max_images=int(leak_cfg.get("max_images", 50000)),
+            force=bool(leak_cfg.get("force", False)),
+        )
+
+    # ------------------------------------------------------------- lightning
+    def prepare_data(self) -> None:
+        """Nothing here: generation and caches use file locks, so every rank may build or wait in setup."""
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        if self.records is None:
+            self.records = self.load_records()
+        class_index = {cid: i for i, cid in enumerate(self.class_ids)}
+        size, channels = int(self.cfg["image_size"]), int(self.cfg["channels"])
+        for split in SPLITS:
+            part = self.records[self.records["split"] == split].reset_index(drop=True)
+            if part.empty:
+                continue
+            source = None
+            if self.cfg.get("cache", True):
+                from fer_lightning.data.cache import ImageCache
+
+                source = ImageCache.build_or_open(
+                    part,
+                    self.root,
+                    self.cache_dir / "images",
+                    size=size,
+                    channels=channels,
+                    num_workers=self.num_workers,
+                    draft=bool(self.cfg.get("draft", True)),
+                )
+            train = split == "train"
+            self.datasets[split] = FERDataset(
+                part,
+                self.root,
+                class_index=class_index,
+                size=size,
+                channels=channels,
+                image_source=source,
+                draft=bool(self.cfg.get("draft", True)),
+                hflip=float(self.augment.get("hflip", 0.0)) if train else 0.0,
+                transform=build_train_transform({**self.augment, "hflip": 0.0}) if train else None,
+                landmarks=self.landmarks,
+            )
+
+    def class_counts(self) -> list[int]:
+        """Training-split count per model class, in output order (what loss weights are computed from)."""
+        labels = self.datasets["train"].labels
+        return [int((labels == i).sum()) for i in range(len(self.class_ids))]
+
+    def _loader(self, split: str, sampler=None, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.datasets[split],
+            batch_size=int(self.cfg["batch_size"]),
+            sampler=sampler,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            drop_last=False,
+        )
+
+    def _world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.world_size, self.trainer.global_rank
+        return 1, 0
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        sampler = EpochSampler(
+            self.datasets["train"].labels, self.sampling, seed=self.seed, num_replicas=world, rank=rank
+        )
+        return self._loader("train", sampler=sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        world, rank = self._world()
+        # DistributedSampler pads by repeating samples; the metrics deduplicate by item index
+        sampler = (
+            DistributedSampler(self.datasets[split], num_replicas=world, rank=rank, shuffle=False)
+            if world > 1
+            else None
+        )
+        return self._loader(split, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # ---------------------------------------------------------- run records
+    def split_table(self) -> pd.DataFrame:
+        """path -> split as used by this run (logged as an artifact so the split can be reused)."""
+        return self.records[["path", "split"]].copy()
+
+    def summary(self) -> dict[str, Any]:
+        counts = {
+            split: {
+                name: int(((self.records["split"] == split) & (self.records["expression"] == cid)).sum())
+                for cid, name in zip(self.class_ids, self.class_names)
+            }
+            for split in SPLITS
+        }
+        return {"root": str(self.root), "classes": self.class_names, "class_ids": self.class_ids, "counts": counts}
+
+    def write_artifacts(self, folder: Path) -> list[Path]:
+        """Split file, checks report, label mapping and counts, for MLflow."""
+        folder.mkdir(parents=True, exist_ok=True)
+        out = []
+        split_path = folder / "split.csv"
+        self.split_table().to_csv(split_path, index=False)
+        out.append(split_path)
+        info = {**self.summary(), "label_mapping": self.label_mapping}
+        info_path = folder / "data_summary.json"
+        info_path.write_text(json.dumps(info, indent=2, default=str))
+        out.append(info_path)
+        if self.check_report is not None:
+            report_path = folder / "checks.txt"
+            report_path.write_text(self.check_report.to_text(max_rows=50))
+            out.append(report_path)
+        if self.leaks is not None and len(self.leaks):
+            leak_path = folder / "leakage.csv"
+            self.leaks.to_csv(leak_path, index=False)
+            out.append(leak_path)
+        return out
+
+
+def label_array(records: pd.DataFrame) -> np.ndarray:
+    return records["expression"].fillna(-1).to_numpy(np.int64)

@@ -1,0 +1,207 @@
+"""Losses: class weights from counts, the expression loss (weighted CE / focal), VA (CCC or MSE) and landmark losses."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+LOSS_NAMES: tuple[str, ...] = ("ce", "inverse_frequency", "class_balanced", "focal")
+WEIGHT_SCHEMES: tuple[str, ...] = ("none", "ce", "inverse_frequency", "class_balanced")
+VA_KINDS: tuple[str, ...] = ("ccc", "mse")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of its allowed range; the message names the key."""
+
+
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and 0.0 <= beta < 1.0):
+        raise ConfigError(f"loss.beta must be in [0, 1) (got {beta!r}); 0.999 or 0.9999 are usual for class_balanced")
+
+
+def class_weights(
+    counts: Sequence[int],
+    scheme: str,
+    *,
+    beta: float = 0.999,
+    names: Sequence[str] | None = None,
+) -> Tensor | None:
+    """Per-class loss weights from training counts, normalized to sum to the number of classes; None for plain CE."""
+    if scheme in ("none", "ce"):
+        return None
+    if scheme not in WEIGHT_SCHEMES:
+        raise ConfigError(f"unknown class weighting scheme {scheme!r}; allowed: {', '.join(WEIGHT_SCHEMES)}")
+    n = [int(c) for c in counts]
+    if not n:
+        raise ValueError("class_weights: no class counts given (the training split has no labelled classes)")
+    if names is not None and len(names) != len(n):
+        raise ValueError(f"class_weights: {len(names)} class names for {len(n)} counts")
+    for i, c in enumerate(n):
+        if c <= 0:
+            label = f"class {i}" + (f" ({names[i]!r})" if names is not None else "")
+            raise ValueError(
+                f"{label} has {c} training samples; {scheme} weights need every class present in the training split: "
+                "remove the class from data.classes or choose loss=ce"
+            )
+    counts64 = torch.tensor(n, dtype=torch.float64)
+    if scheme == "inverse_frequency":
+        w = 1.0 / counts64
+    else:
+        _check_beta(beta)
+        # Effective number E_n = (1 - beta^n) / (1 - beta); expm1/log1p keep 1 - beta^n exact for beta near 1.
+        one_minus_beta_n = -torch.expm1(counts64 * math.log1p(-beta))
+        w = (1.0 - beta) / one_minus_beta_n
+    w = w * (len(n) / w.sum())
+    return w.to(torch.float32)
+
+
+def _check_finite(key: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value)):
+        raise ConfigError(f"{key} must be a finite number (got {value!r})")
+
+
+def validate_loss_config(
+    name: str,
+    beta: float = 0.999,
+    gamma: float = 0.0,
+    label_smoothing: float = 0.0,
+    va_weight: float = 1.0,
+    landmark_weight: float = 0.0,
+    *,
+    expression_weight: float = 1.0,
+    va_kind: str = "ccc",
+) -> None:
+    """Reject out-of-range loss settings at start-up with the key's name and the allowed range."""
+    if name not in LOSS_NAMES:
+        raise ConfigError(f"loss.name must be one of {', '.join(LOSS_NAMES)} (got {name!r})")
+    _check_finite("loss.beta", beta)
+    _check_beta(beta)
+    _check_finite("loss.gamma", gamma)
+    if gamma < 0:
+        raise ConfigError(f"loss.gamma must be >= 0 (got {gamma!r}); 0 is plain cross-entropy, 2 is the usual focal value")
+    _check_finite("loss.label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"loss.label_smoothing must be in [0, 1) (got {label_smoothing!r})")
+    for key, value in (
+        ("loss.expression_weight", expression_weight),
+        ("loss.va_weight", va_weight),
+        ("loss.landmark_weight", landmark_weight),
+    ):
+        _check_finite(key, value)
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0 (got {value!r}); 0 switches that term off")
+    if va_kind not in VA_KINDS:
+        raise ConfigError(f"loss.va_kind must be one of {', '.join(VA_KINDS)} (got {va_kind!r})")
+
+
+class ExpressionLoss(nn.Module):
+    """Weighted cross-entropy with optional focal modulation and label smoothing; ignores targets == ignore_index."""
+
+    def __init__(
+        self,
+        weights: Tensor | None,
+        *,
+        focal_gamma: float = 0.0,
+        label_smoothing: float = 0.0,
+        ignore_index: int = -1,
+    ):
+        super().__init__()
+        if focal_gamma < 0:
+            raise ConfigError(f"loss.gamma must be >= 0 (got {focal_gamma!r})")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1) (got {label_smoothing!r})")
+        if weights is not None:
+            weights = torch.as_tensor(weights, dtype=torch.float32)
+            if weights.ndim != 1 or bool((weights < 0).any()):
+                raise ValueError("ExpressionLoss: weights must be a 1-D tensor of non-negative per-class weights")
+        # Not persistent: weights come from the training counts, so a checkpoint must not pin them.
+        self.register_buffer("weights", weights, persistent=False)
+        self.focal_gamma = float(focal_gamma)
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = int(ignore_index)
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Mean loss over non-ignored targets, weighted like F.cross_entropy: sum(w_y * l) / sum(w_y)."""
+        if logits.ndim != 2 or target.shape != logits.shape[:1]:
+            raise ValueError(f"ExpressionLoss: expected logits (B, C) and target (B,), got {tuple(logits.shape)} "
+                             f"and {tuple(target.shape)}")
+        num_classes = logits.shape[1]
+        if self.weights is not None and self.weights.numel() != num_classes:
+            raise ValueError(f"ExpressionLoss has {self.weights.numel()} class weights but the model outputs "
+                             f"{num_classes} logits: compute the weights from the same data.classes")
+        keep = target != self.ignore_index
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        y = target[keep].long()
+        if bool(((y < 0) | (y >= num_classes)).any()):
+            bad = y[(y < 0) | (y >= num_classes)][0].item()
+            raise ValueError(f"ExpressionLoss: target {bad} is outside [0, {num_classes}) and is not ignore_index "
+                             f"({self.ignore_index})")
+        # float32 even under autocast: log-softmax of bf16 logits loses the small probabilities focal needs.
+        logp = F.log_softmax(logits[keep].float(), dim=1)
+        w = self.weights if self.weights is not None else torch.ones(num_classes, device=logp.device)
+        w = w.to(logp.device)
+        w_y = w[y]
+        logp_y = logp.gather(1, y[:, None]).squeeze(1)
+        per_sample = -(1.0 - self.label_smoothing) * w_y * logp_y
+        if self.label_smoothing > 0:
+            per_sample = per_sample - (self.label_smoothing / num_classes) * (logp * w).sum(dim=1)
+        if self.focal_gamma > 0:
+            # 1 - p_t via expm1 is exact when p_t is near 1; the floor keeps pow's gradient finite for gamma < 1.
+            one_minus_pt = (-torch.expm1(logp_y)).clamp_min(1e-12)
+            per_sample = one_minus_pt.pow(self.focal_gamma) * per_sample
+        return per_sample.sum() / w_y.sum()
+
+
+def ccc(pred: Tensor, target: Tensor) -> Tensor:
+    """Concordance correlation coefficient of two 1-D tensors with population (1/N) statistics."""
+    if pred.shape != target.shape or pred.ndim != 1:
+        raise ValueError(f"ccc: expected two 1-D tensors of equal length, got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    p = pred.float()
+    t = target.float()
+    mp, mt = p.mean(), t.mean()
+    dp, dt = p - mp, t - mt
+    cov = (dp * dt).mean()
+    denom = dp.pow(2).mean() + dt.pow(2).mean() + (mp - mt).pow(2)
+    # Both constant and equal: 0/0; the floor makes it 0 instead of NaN.
+    return 2.0 * cov / denom.clamp_min(1e-12)
+
+
+def va_loss(pred: Tensor, target: Tensor, *, kind: str = "ccc") -> Tensor:
+    """Valence/arousal loss over rows whose target is not NaN, per column, averaged over columns that have any."""
+    if kind not in VA_KINDS:
+        raise ConfigError(f"loss.va_kind must be one of {', '.join(VA_KINDS)} (got {kind!r})")
+    if pred.ndim != 2 or pred.shape != target.shape:
+        raise ValueError(f"va_loss: expected pred and target of shape (B, 2), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    terms = []
+    for col in range(pred.shape[1]):
+        valid = ~torch.isnan(target[:, col])
+        p = pred[valid, col].float()
+        t = target[valid, col].float()
+        if p.numel() == 0:
+            continue
+        if kind == "ccc" and p.numel() >= 2:
+            terms.append(1.0 - ccc(p, t))
+        else:
+            # One valid row has no variance, so CCC is undefined: MSE still pulls it toward the target.
+            terms.append(F.mse_loss(p, t))
+    if not terms:
+        return pred.sum() * 0.0
+    return torch.stack(terms).mean()
+
+
+def landmark_loss(pred: Tensor, target: Tensor, *, beta: float = 0.01) -> Tensor:
+    """Smooth-L1 over coordinates whose target is not NaN; beta is in normalized (0-1) image units."""
+    if pred.shape != target.shape or pred.ndim != 3 or pred.shape[-1] != 2:
+        raise ValueError(f"landmark_loss: expected pred and target of shape (B, K, 2), got {tuple(pred.shape)} and "
+                         f"{tuple(target.shape)}")
+    valid = ~torch.isnan(target)
+    if not bool(valid.any()):
+        return pred.sum() * 0.0
+    return F.smooth_l1_loss(pred[valid].float(), target[valid].float(), beta=beta)

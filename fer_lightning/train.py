@@ -1,0 +1,202 @@
+"""train(cfg): compose data, model, trainer and MLflow from one config, fit, test, report; importable and testable."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+
+from fer_lightning import tracking
+from fer_lightning.baselines import comparison_table, format_table, to_markdown
+from fer_lightning.config import validate_config
+from fer_lightning.data.datamodule import FERDataModule
+from fer_lightning.metrics import confusion_matrix
+from fer_lightning.models.module import _MEAN, _STD, FERModule
+from fer_lightning.plots import plot_confusion_matrix
+
+log = logging.getLogger(__name__)
+
+GROUPS = ("data", "sampling", "loss", "backbone", "augment", "trainer", "experiment")
+
+
+def group_choices(cfg: DictConfig) -> dict[str, str]:
+    """The option chosen in each config group (Hydra's record when available, else the configs' names)."""
+    if HydraConfig.initialized():
+        choices = HydraConfig.get().runtime.choices
+        return {g: str(choices.get(g)) for g in GROUPS if choices.get(g) is not None}
+    return {
+        "data": str(cfg.data.get("name", cfg.data.format)),
+        "sampling": str(cfg.sampling.name),
+        "loss": str(cfg.loss.name),
+        "backbone": str(cfg.backbone.name),
+    }
+
+
+def default_run_name(choices: dict[str, str]) -> str:
+    overrides = ""
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.override_dirname
+    base = f"{choices.get('backbone')}-{choices.get('sampling')}-{choices.get('loss')}"
+    return f"{base}[{overrides}]" if overrides else base
+
+
+def data_fingerprint(dm: FERDataModule) -> str:
+    """Hash of what was trained on: every path, split and label (not the pixels)."""
+    rec = dm.records
+    h = hashlib.sha256()
+    for col in ("path", "split", "expression"):
+        h.update(rec[col].astype(str).str.cat(sep="\n").encode())
+    return h.hexdigest()[:16]
+
+
+def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
+    channels, size = int(cfg.data.channels), int(cfg.data.image_size)
+    return FERModule(
+        class_names=dm.class_names,
+        class_ids=dm.class_ids,
+        backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
+        image_size=size,
+        channels=channels,
+        class_counts=dm.class_counts(),
+        loss=OmegaConf.to_container(cfg.loss, resolve=True),
+        va=bool(cfg.model.va),
+        landmarks=bool(cfg.model.landmarks),
+        head_dropout=float(cfg.model.head_dropout),
+        head_hidden=int(cfg.model.head_hidden),
+        optimizer=instantiate(cfg.model.optimizer),
+        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
+        scheduler_interval=str(cfg.model.scheduler_interval),
+        preprocessing={
+            "image_size": size,
+            "channels": channels,
+            "mean": list(_MEAN[channels]),
+            "std": list(_STD[channels]),
+            "face_crop": "box when the records have one, else the whole image",
+            "resize": "bilinear, antialiased, to image_size x image_size",
+        },
+    )
+
+
+def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, list[pl.Callback]]:
+    cb = cfg.callbacks
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="best-epoch{epoch:02d}",
+        auto_insert_metric_name=False,
+        monitor=cb.checkpoint.monitor,
+        mode=cb.checkpoint.mode,
+        save_last=bool(cb.checkpoint.save_last),
+        save_top_k=1,
+    )
+    callbacks: list[pl.Callback] = [checkpoint]
+    if cb.early_stopping.get("patience") is not None:
+        callbacks.append(
+            EarlyStopping(
+                monitor=cb.early_stopping.monitor, mode=cb.early_stopping.mode, patience=int(cb.early_stopping.patience)
+            )
+        )
+    if cfg.logger.get("enabled", True):
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    return checkpoint, callbacks
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train and test one configuration; returns the final metrics (val at the best epoch, test, best ckpt)."""
+    validate_config(cfg)
+    choices = group_choices(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    root_dir = Path(cfg.paths.root_dir)
+    tags = {**{f"group.{k}": v for k, v in choices.items()}, **choices, "git_commit": tracking.git_commit(root_dir)}
+    tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
+    # the logger (and its run) exists before seeding and before data loading, so any failure is recorded
+    logger = tracking.make_logger(cfg.logger, run_name=cfg.run_name or default_run_name(choices), tags=tags)
+    try:
+        pl.seed_everything(int(cfg.seed), workers=True)
+        if logger is not None:
+            tracking.log_params(logger, {**tracking.flatten(cfg), **choices, "seed": cfg.seed})
+            config_path = output_dir / "config.yaml"
+            config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            tracking.log_artifact(logger, config_path)
+        dm = FERDataModule(
+            cfg.data,
+            sampling=str(cfg.sampling.name),
+            augment=OmegaConf.to_container(cfg.augment, resolve=True),
+            seed=int(cfg.seed),
+            cache_dir=cfg.paths.cache_dir,
+            landmarks=bool(cfg.model.landmarks),
+        )
+        dm.setup("fit")  # reading, checks and caches run here, before the trainer starts
+        for path in dm.write_artifacts(output_dir / "data"):
+            tracking.log_artifact(logger, path, "data")
+        tracking.set_tags(logger, {"data_fingerprint": data_fingerprint(dm), "data_root": dm.root})
+        if dm.check_report is not None:
+            log.info("data checks:\n%s", dm.check_report.to_text(max_rows=10))
+        module = build_module(cfg, dm)
+        checkpoint, callbacks = build_callbacks(cfg, output_dir / "checkpoints")
+        trainer: pl.Trainer = instantiate(
+            cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
+            default_root_dir=str(output_dir),
+        )  # fmt: skip
+        trainer.fit(module, datamodule=dm)
+        results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        best = checkpoint.best_model_path or checkpoint.last_model_path
+        if "test" in dm.datasets:
+            trainer.test(module, datamodule=dm, ckpt_path=best or None, weights_only=False)
+            results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        results["best_checkpoint"] = best
+        if trainer.is_global_zero:
+            _report(cfg, logger, module, dm, results, output_dir, choices, best)
+    except BaseException:
+        tracking.end_run(logger, "FAILED")
+        raise
+    tracking.end_run(logger, "FINISHED")
+    return results
+
+
+def _report(
+    cfg: DictConfig,
+    logger: Any,
+    module: FERModule,
+    dm: FERDataModule,
+    results: dict[str, Any],
+    output_dir: Path,
+    choices: dict[str, str],
+    best: str,
+) -> None:
+    """Artifacts (confusion matrix, baseline table) and the closing printout."""
+    tracking.set_tags(logger, {"best_checkpoint": best})
+    stage = "test" if any(k.startswith("test/") for k in results) else "val"
+    numeric = {k: v for k, v in results.items() if isinstance(v, float)}
+    table = comparison_table(numeric, sampling=choices.get("sampling", "none"), loss=cfg.loss.name, prefix=f"{stage}/")
+    (output_dir / "baseline_comparison.md").write_text(to_markdown(table))
+    tracking.log_artifact(logger, output_dir / "baseline_comparison.md")
+    preds = getattr(module, "eval_predictions", {}).get(stage)
+    if preds is not None:
+        probs, target = preds
+        cm = confusion_matrix(probs, target, len(dm.class_names))
+        path = plot_confusion_matrix(cm, dm.class_names, output_dir / f"confusion_matrix_{stage}.png",
+                                     title=f"{stage}: {cfg.run_name or default_run_name(choices)}")  # fmt: skip
+        tracking.log_artifact(logger, path)
+    lines = [
+        "",
+        f"{stage} metrics of this run beside the AffectNet paper's baseline (AlexNet, 8 classes; synthetic data "
+        "is not AffectNet, so the comparison shows the scale, not a like-for-like result):",
+        format_table(table),
+        f"best checkpoint: {best}",
+    ]
+    if logger is not None:
+        uri = str(cfg.logger.tracking_uri)
+        lines.append(f"MLflow run {logger.run_id} in experiment '{cfg.logger.experiment_name}' at {uri}")
+        if uri.startswith("sqlite:"):
+            lines.append(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {uri})")
+    print("\n".join(lines), file=sys.stdout, flush=True)
+
