@@ -9,13 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+# One ConfigError for the whole package, so the CLI's user-error handler catches loss errors too; re-exported here.
+from fer_lightning.config import ConfigError
+
 LOSS_NAMES: tuple[str, ...] = ("ce", "inverse_frequency", "class_balanced", "focal")
 WEIGHT_SCHEMES: tuple[str, ...] = ("none", "ce", "inverse_frequency", "class_balanced")
 VA_KINDS: tuple[str, ...] = ("ccc", "mse")
-
-
-class ConfigError(ValueError):
-    """A configuration value is out of its allowed range; the message names the key."""
 
 
 def _check_beta(beta: float) -> None:
@@ -34,7 +33,7 @@ def class_weights(
     if scheme in ("none", "ce"):
         return None
     if scheme not in WEIGHT_SCHEMES:
-        raise ConfigError(f"unknown class weighting scheme {scheme!r}; allowed: {', '.join(WEIGHT_SCHEMES)}")
+        raise ConfigError(f"loss.weighting must be one of {', '.join(WEIGHT_SCHEMES)} (got {scheme!r})")
     n = [int(c) for c in counts]
     if not n:
         raise ValueError("class_weights: no class counts given (the training split has no labelled classes)")
@@ -43,17 +42,19 @@ def class_weights(
     for i, c in enumerate(n):
         if c <= 0:
             label = f"class {i}" + (f" ({names[i]!r})" if names is not None else "")
-            raise ValueError(
-                f"{label} has {c} training samples; {scheme} weights need every class present in the training split: "
-                "remove the class from data.classes or choose loss=ce"
+            raise ConfigError(
+                f"{label} has {c} training samples; loss.weighting={scheme} needs every class present in the training "
+                "split: remove the class from data.classes or set loss.weighting=none"
             )
     counts64 = torch.tensor(n, dtype=torch.float64)
     if scheme == "inverse_frequency":
         w = 1.0 / counts64
     else:
         _check_beta(beta)
-        # Effective number E_n = (1 - beta^n) / (1 - beta); expm1/log1p keep 1 - beta^n exact for beta near 1.
-        one_minus_beta_n = -torch.expm1(counts64 * math.log1p(-beta))
+        # Effective number E_n = (1 - beta^n) / (1 - beta); 1 - beta^n = -expm1(n log beta) stays exact for beta
+        # near 1, and log1p(-(1 - beta)) is log(beta) without rounding beta first. beta = 0 gives E_n = 1.
+        log_beta = math.log1p(-(1.0 - beta)) if beta > 0 else -math.inf
+        one_minus_beta_n = -torch.expm1(counts64 * log_beta)
         w = (1.0 - beta) / one_minus_beta_n
     w = w * (len(n) / w.sum())
     return w.to(torch.float32)
@@ -72,17 +73,22 @@ def validate_loss_config(
     va_weight: float = 1.0,
     landmark_weight: float = 0.0,
     *,
+    weighting: str = "none",
     expression_weight: float = 1.0,
-    va_kind: str = "ccc",
+    va: str = "ccc",
 ) -> None:
     """Reject out-of-range loss settings at start-up with the key's name and the allowed range."""
     if name not in LOSS_NAMES:
         raise ConfigError(f"loss.name must be one of {', '.join(LOSS_NAMES)} (got {name!r})")
+    if weighting not in WEIGHT_SCHEMES:
+        raise ConfigError(f"loss.weighting must be one of {', '.join(WEIGHT_SCHEMES)} (got {weighting!r})")
     _check_finite("loss.beta", beta)
     _check_beta(beta)
     _check_finite("loss.gamma", gamma)
     if gamma < 0:
-        raise ConfigError(f"loss.gamma must be >= 0 (got {gamma!r}); 0 is plain cross-entropy, 2 is the usual focal value")
+        raise ConfigError(
+            f"loss.gamma must be >= 0 (got {gamma!r}); 0 is plain cross-entropy, 2 is the usual focal value"
+        )
     _check_finite("loss.label_smoothing", label_smoothing)
     if not 0.0 <= label_smoothing < 1.0:
         raise ConfigError(f"loss.label_smoothing must be in [0, 1) (got {label_smoothing!r})")
@@ -94,8 +100,8 @@ def validate_loss_config(
         _check_finite(key, value)
         if value < 0:
             raise ConfigError(f"{key} must be >= 0 (got {value!r}); 0 switches that term off")
-    if va_kind not in VA_KINDS:
-        raise ConfigError(f"loss.va_kind must be one of {', '.join(VA_KINDS)} (got {va_kind!r})")
+    if va not in VA_KINDS:
+        raise ConfigError(f"loss.va must be one of {', '.join(VA_KINDS)} (got {va!r})")
 
 
 class ExpressionLoss(nn.Module):
@@ -127,20 +133,26 @@ class ExpressionLoss(nn.Module):
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         """Mean loss over non-ignored targets, weighted like F.cross_entropy: sum(w_y * l) / sum(w_y)."""
         if logits.ndim != 2 or target.shape != logits.shape[:1]:
-            raise ValueError(f"ExpressionLoss: expected logits (B, C) and target (B,), got {tuple(logits.shape)} "
-                             f"and {tuple(target.shape)}")
+            raise ValueError(
+                f"ExpressionLoss: expected logits (B, C) and target (B,), got {tuple(logits.shape)} "
+                f"and {tuple(target.shape)}"
+            )
         num_classes = logits.shape[1]
         if self.weights is not None and self.weights.numel() != num_classes:
-            raise ValueError(f"ExpressionLoss has {self.weights.numel()} class weights but the model outputs "
-                             f"{num_classes} logits: compute the weights from the same data.classes")
+            raise ValueError(
+                f"ExpressionLoss has {self.weights.numel()} class weights but the model outputs "
+                f"{num_classes} logits: compute the weights from the same data.classes"
+            )
         keep = target != self.ignore_index
         if not bool(keep.any()):
             return logits.sum() * 0.0
         y = target[keep].long()
         if bool(((y < 0) | (y >= num_classes)).any()):
             bad = y[(y < 0) | (y >= num_classes)][0].item()
-            raise ValueError(f"ExpressionLoss: target {bad} is outside [0, {num_classes}) and is not ignore_index "
-                             f"({self.ignore_index})")
+            raise ValueError(
+                f"ExpressionLoss: target {bad} is outside [0, {num_classes}) and is not ignore_index "
+                f"({self.ignore_index})"
+            )
         # float32 even under autocast: log-softmax of bf16 logits loses the small probabilities focal needs.
         logp = F.log_softmax(logits[keep].float(), dim=1)
         w = self.weights if self.weights is not None else torch.ones(num_classes, device=logp.device)
@@ -160,8 +172,9 @@ class ExpressionLoss(nn.Module):
 def ccc(pred: Tensor, target: Tensor) -> Tensor:
     """Concordance correlation coefficient of two 1-D tensors with population (1/N) statistics."""
     if pred.shape != target.shape or pred.ndim != 1:
-        raise ValueError(f"ccc: expected two 1-D tensors of equal length, got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"ccc: expected two 1-D tensors of equal length, got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     p = pred.float()
     t = target.float()
     mp, mt = p.mean(), t.mean()
@@ -175,10 +188,11 @@ def ccc(pred: Tensor, target: Tensor) -> Tensor:
 def va_loss(pred: Tensor, target: Tensor, *, kind: str = "ccc") -> Tensor:
     """Valence/arousal loss over rows whose target is not NaN, per column, averaged over columns that have any."""
     if kind not in VA_KINDS:
-        raise ConfigError(f"loss.va_kind must be one of {', '.join(VA_KINDS)} (got {kind!r})")
+        raise ConfigError(f"loss.va must be one of {', '.join(VA_KINDS)} (got {kind!r})")
     if pred.ndim != 2 or pred.shape != target.shape:
-        raise ValueError(f"va_loss: expected pred and target of shape (B, 2), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"va_loss: expected pred and target of shape (B, 2), got {tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     terms = []
     for col in range(pred.shape[1]):
         valid = ~torch.isnan(target[:, col])
@@ -199,8 +213,10 @@ def va_loss(pred: Tensor, target: Tensor, *, kind: str = "ccc") -> Tensor:
 def landmark_loss(pred: Tensor, target: Tensor, *, beta: float = 0.01) -> Tensor:
     """Smooth-L1 over coordinates whose target is not NaN; beta is in normalized (0-1) image units."""
     if pred.shape != target.shape or pred.ndim != 3 or pred.shape[-1] != 2:
-        raise ValueError(f"landmark_loss: expected pred and target of shape (B, K, 2), got {tuple(pred.shape)} and "
-                         f"{tuple(target.shape)}")
+        raise ValueError(
+            f"landmark_loss: expected pred and target of shape (B, K, 2), got {tuple(pred.shape)} and "
+            f"{tuple(target.shape)}"
+        )
     valid = ~torch.isnan(target)
     if not bool(valid.any()):
         return pred.sum() * 0.0

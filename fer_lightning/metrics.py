@@ -393,6 +393,16 @@ class ExpressionMetricSuite(Metric):
         keep = _first_occurrence(_gathered(self.index).astype(np.int64), target)
         return expression_metrics(probs[keep], target[keep], class_names=self.class_names)
 
+    def samples(self) -> tuple[np.ndarray, np.ndarray]:
+        """Deduplicated (probs, target) gathered from every device, for figures and per-sample reports."""
+        with self.sync_context():
+            probs = _gathered(self.probs)
+            if probs is None:
+                return np.zeros((0, self.num_classes)), np.zeros(0, dtype=np.int64)
+            target = _gathered(self.target).astype(np.int64)
+            keep = _first_occurrence(_gathered(self.index).astype(np.int64), target)
+        return probs[keep], target[keep]
+
 
 class VAMetricSuite(Metric):
     """Gathers valence/arousal predictions, targets and sample ids (across devices), dedups, calls `va_metrics`."""

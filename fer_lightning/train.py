@@ -72,8 +72,8 @@ def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
         head_dropout=float(cfg.model.head_dropout),
         head_hidden=int(cfg.model.head_hidden),
         optimizer=instantiate(cfg.model.optimizer),
-        scheduler=instantiate(cfg.model.scheduler) if cfg.model.get("scheduler") else None,
-        scheduler_interval=str(cfg.model.scheduler_interval),
+        scheduler=instantiate(cfg.model.scheduler.factory) if cfg.model.scheduler.factory else None,
+        scheduler_interval=str(cfg.model.scheduler.interval),
         preprocessing={
             "image_size": size,
             "channels": channels,

@@ -6,10 +6,20 @@
 #   bash scripts/slurm-local.sh status   print daemon and node state; exit 0 when the node accepts jobs
 #
 # Safe to run twice: `up` on a running cluster only re-checks it. Needs root (apt, /etc, /var/spool).
-# Environment: SLURM_LOCAL_WAIT_S (default 90) bounds every wait; SLURM_LOCAL_PARTITION (default debug).
+# Environment:
+#   SLURM_LOCAL_WAIT_S=90          bound on every wait
+#   SLURM_LOCAL_PARTITION=debug    name of the one partition
+#   SLURM_LOCAL_ACCOUNTING=1       also run slurmdbd on a local MariaDB, so `sacct` works. submitit polls
+#                                  sacct to learn that a job died without writing its result (killed, time
+#                                  limit, out of memory); without it such a job leaves the submitter (and so
+#                                  a Hydra multirun) waiting forever. 0 = no accounting, fewer packages.
 set -euo pipefail
 
+ACCOUNTING=${SLURM_LOCAL_ACCOUNTING:-1}
 PACKAGES=(slurmctld slurmd slurm-client munge)
+if [[ $ACCOUNTING == 1 ]]; then
+    PACKAGES+=(slurmdbd mariadb-server)
+fi
 CLUSTER_NAME=fer-local
 PARTITION=${SLURM_LOCAL_PARTITION:-debug}
 WAIT_S=${SLURM_LOCAL_WAIT_S:-90}
@@ -25,6 +35,11 @@ MUNGE_KEY=/etc/munge/munge.key
 MUNGE_RUN=/run/munge
 MUNGE_PID=$MUNGE_RUN/munged.pid
 MUNGE_LOG=/var/log/munge/munged.log
+SLURMDBD_CONF=$CONF_DIR/slurmdbd.conf
+SLURMDBD_PID=/run/slurmdbd.pid
+MYSQL_RUN=/run/mysqld
+MYSQL_PID=$MYSQL_RUN/mysqld.pid
+MYSQL_LOG=/var/log/mysql/error.log
 
 log() { printf '[slurm-local] %s\n' "$*"; }
 die() { printf '[slurm-local] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -32,12 +47,18 @@ die() { printf '[slurm-local] ERROR: %s\n' "$*" >&2; exit 1; }
 # The node name must equal what slurmd computes for itself (the short host name), or slurmd refuses to start.
 node_name() { hostname -s; }
 
-# True when the process whose id is in pid file $1 is alive.
-pid_alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# True when the process whose id is in pid file $1 is alive (/proc, not kill -0: works for `status` as non-root).
+pid_alive() {
+    local pid
+    pid=$(cat "$1" 2>/dev/null) && [[ $pid =~ ^[0-9]+$ && -d /proc/$pid ]]
+}
+
+# Pid from a pid file, for messages.
+pid_of() { cat "$1" 2>/dev/null || echo '?'; }
 
 show_logs() {
     local f
-    for f in "$MUNGE_LOG" "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log"; do
+    for f in "$MUNGE_LOG" "$MYSQL_LOG" "$LOG_DIR/slurmdbd.log" "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log"; do
         [[ -f $f ]] || continue
         printf -- '----- last lines of %s -----\n' "$f" >&2
         tail -n 25 "$f" >&2
@@ -101,7 +122,7 @@ MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+$(accounting_lines)
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
@@ -122,7 +143,7 @@ SlurmdDebug=info
 SlurmctldTimeout=30
 SlurmdTimeout=60
 InactiveLimit=0
-# Keep finished jobs visible to squeue/scontrol for 10 min: there is no accounting database (sacct).
+# Keep finished jobs visible to squeue/scontrol for 10 min (also the only record when accounting is off).
 MinJobAge=600
 KillWait=10
 Waittime=0
@@ -137,6 +158,62 @@ EOF
         rm -f "$tmp"
         CONFIG_CHANGED=1
         log "wrote $SLURM_CONF (node $node: $cpus cpus, $mem_mb MB, partition $PARTITION)"
+    fi
+}
+
+accounting_lines() {
+    if [[ $ACCOUNTING == 1 ]]; then
+        printf 'AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n'
+    else
+        printf 'AccountingStorageType=accounting_storage/none\n'
+    fi
+}
+
+write_dbd_config() {
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp" <<EOF
+# Written by scripts/slurm-local.sh: accounting daemon on a local MariaDB (root over its unix socket, no password).
+AuthType=auth/munge
+DbdHost=localhost
+DbdAddr=127.0.0.1
+SlurmUser=root
+StorageType=accounting_storage/mysql
+StorageHost=localhost
+StorageUser=root
+StorageLoc=slurm_acct_db
+PidFile=$SLURMDBD_PID
+LogFile=$LOG_DIR/slurmdbd.log
+DebugLevel=info
+EOF
+    # slurmdbd refuses a config that others can read (it may hold a database password).
+    install -m 0600 "$tmp" "$SLURMDBD_CONF"
+    rm -f "$tmp"
+}
+
+start_mariadb() {
+    if pid_alive "$MYSQL_PID" && mariadb -e 'SELECT 1' >/dev/null 2>&1; then
+        log "mariadb already running"
+        return
+    fi
+    [[ -d /var/lib/mysql/mysql ]] || die "MariaDB data dir /var/lib/mysql is not initialised (mariadb-server install incomplete?)"
+    install -d -o mysql -g mysql -m 0755 "$MYSQL_RUN" "$(dirname "$MYSQL_LOG")"
+    rm -f "$MYSQL_PID"
+    # mariadbd does not daemonise itself: detach it with no inherited stdio (a CI pipe would otherwise never close).
+    setsid /usr/sbin/mariadbd --user=mysql --pid-file="$MYSQL_PID" --log-error="$MYSQL_LOG" \
+        --innodb-lock-wait-timeout=900 </dev/null >/dev/null 2>&1 &
+    wait_for "mariadb answering" "mariadb -e 'SELECT 1' >/dev/null 2>&1"
+    log "started mariadb"
+}
+
+start_accounting() {
+    start_mariadb
+    write_dbd_config
+    start_daemon slurmdbd "$SLURMDBD_PID" /usr/sbin/slurmdbd
+    wait_for "slurmdbd answering" 'sacctmgr -n -P show cluster format=cluster >/dev/null 2>&1'
+    if ! sacctmgr -n -P show cluster format=cluster | grep -qx "$CLUSTER_NAME"; then
+        sacctmgr -i add cluster "$CLUSTER_NAME" >/dev/null
+        log "registered cluster $CLUSTER_NAME in the accounting database"
     fi
 }
 
@@ -157,18 +234,20 @@ start_munge() {
     rm -f "$MUNGE_PID" "$MUNGE_RUN/munge.socket.2.lock"
     runuser -u munge -- /usr/sbin/munged --pid-file="$MUNGE_PID" --log-file="$MUNGE_LOG"
     wait_for "munged answering" 'munge -n </dev/null | unmunge >/dev/null 2>&1'
+    log "started munged"
 }
 
 start_daemon() {  # name pidfile command...
     local name=$1 pidfile=$2
     shift 2
     if pid_alive "$pidfile"; then
-        log "$name already running (pid $(cat "$pidfile"))"
+        log "$name already running (pid $(pid_of "$pidfile"))"
         return
     fi
     rm -f "$pidfile"
     "$@" || { show_logs; die "$name failed to start: $*"; }
     wait_for "$name running" "pid_alive $pidfile"
+    log "started $name"
 }
 
 # Poll a shell condition once a second for at most WAIT_S seconds; on timeout print the logs and fail.
@@ -191,6 +270,9 @@ cmd_up() {
     install_packages
     write_config
     start_munge
+    if [[ $ACCOUNTING == 1 ]]; then
+        start_accounting
+    fi
     if ((CONFIG_CHANGED)) && pid_alive "$CTLD_PID"; then
         # A running controller must be restarted to pick up a changed node or partition line.
         log "config changed: restarting slurm daemons"
@@ -244,20 +326,29 @@ stop_slurm() {
 
 cmd_down() {
     stop_slurm
+    # Stopped whatever SLURM_LOCAL_ACCOUNTING says now: an earlier `up` may have started them.
+    stop_one slurmdbd "$SLURMDBD_PID"
+    stop_one mariadb "$MYSQL_PID"
     stop_one munged "$MUNGE_PID"
     log "cluster down"
 }
 
 cmd_status() {
-    local name pidfile rc=0
-    for name in munged slurmctld slurmd; do
+    local name pidfile rc=0 names=(munged slurmctld slurmd)
+    [[ $ACCOUNTING == 1 ]] && names=(munged mariadb slurmdbd slurmctld slurmd)
+    for name in "${names[@]}"; do
         case $name in
             munged) pidfile=$MUNGE_PID ;;
+            mariadb) pidfile=$MYSQL_PID ;;
+            slurmdbd) pidfile=$SLURMDBD_PID ;;
             slurmctld) pidfile=$CTLD_PID ;;
             slurmd) pidfile=$SLURMD_PID ;;
         esac
-        if pid_alive "$pidfile"; then
-            log "$name: running (pid $(cat "$pidfile"))"
+        if [[ -e $pidfile && ! -r $pidfile ]]; then
+            # mariadb's pid file is private to its user; the node check below still tells whether jobs run.
+            log "$name: unknown (cannot read $pidfile as $(id -un); run status as root)"
+        elif pid_alive "$pidfile"; then
+            log "$name: running (pid $(pid_of "$pidfile"))"
         else
             log "$name: not running"
             rc=1
@@ -267,7 +358,11 @@ cmd_status() {
         sinfo -N -l || rc=1
         node_ready || rc=1
     fi
-    ((rc == 0)) && log "status: up" || log "status: not ready"
+    if ((rc == 0)); then
+        log "status: up"
+    else
+        log "status: not ready"
+    fi
     return $rc
 }
 

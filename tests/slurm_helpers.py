@@ -80,42 +80,52 @@ def wait_job(job_id: int | str, timeout: float, poll_s: float = 1.0) -> str:
             return state
         time.sleep(poll_s)
     cancel_job(job_id)
-    raise TimeoutError(f"SLURM job {job_id} not finished after {timeout} s (last state {state or 'unknown'!r}); cancelled")
-
-
-def sbatch_wait(args: list[str], timeout: float) -> tuple[int, int]:
-    """Run `sbatch --parsable --wait *args`; return (job id, exit code), cancelling the job after `timeout` s."""
-    proc = subprocess.Popen(
-        ["sbatch", "--parsable", "--wait", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    raise TimeoutError(
+        f"SLURM job {job_id} not finished after {timeout} s (last state {state or 'unknown'!r}); cancelled"
     )
-    assert proc.stdout is not None
-    # --parsable prints "<id>[;cluster]" as soon as the job is accepted, then --wait blocks until it ends.
-    first_line = proc.stdout.readline().strip()
-    if not first_line:
-        _, err = proc.communicate(timeout=_COMMAND_TIMEOUT_S)
-        raise RuntimeError(f"sbatch {' '.join(args)} was refused (rc={proc.returncode}): {err.strip()}")
-    job_id = int(first_line.split(";")[0])
-    try:
-        proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        cancel_job(job_id)
-        raise TimeoutError(f"SLURM job {job_id} not finished after {timeout} s; cancelled") from None
-    return job_id, proc.returncode
+
+
+def sbatch(args: list[str]) -> int:
+    """Submit `sbatch --parsable *args` and return the job id; raise with sbatch's message when it is refused."""
+    proc = _run(["sbatch", "--parsable", *args])
+    if proc.returncode != 0:
+        raise RuntimeError(f"sbatch {' '.join(args)} was refused (rc={proc.returncode}): {proc.stderr.strip()}")
+    # --parsable prints "<id>" or "<id>;<cluster>"
+    return int(proc.stdout.strip().split(";")[0])
+
+
+def sbatch_and_wait(args: list[str], timeout: float) -> tuple[int, str]:
+    """Submit a batch job and wait for it; return (job id, final state), cancelling it after `timeout` s.
+
+    Polls once a second rather than using `sbatch --wait`, whose back-off (up to 32 s between checks)
+    would add half a minute to a job that takes a few seconds.
+    """
+    job_id = sbatch(args)
+    return job_id, wait_job(job_id, timeout)
+
+
+def wait_submitit_done(job: Any, timeout: float, poll_s: float = 1.0) -> str:
+    """Wait until submitit sees the job as finished and return its SLURM state; cancel and raise after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() >= deadline:
+            state = job_state(job.job_id)
+            job.cancel(check=False)
+            hint = ""
+            if state in TERMINAL_STATES:
+                # submitit learns of a job that died without a result only through sacct.
+                hint = " The job ended but submitit did not see it: is accounting (sacct) up? See slurm-local.sh."
+            raise TimeoutError(
+                f"submitit job {job.job_id} not done after {timeout} s (state {state!r}); cancelled.{hint} "
+                f"stderr:\n{job.stderr() or ''}"
+            )
+        time.sleep(poll_s)
+    return job_state(job.job_id)
 
 
 def wait_submitit(job: Any, timeout: float, poll_s: float = 1.0) -> list[Any]:
     """Wait for a submitit job with a bound, then return its per-task results (raises the job's own error)."""
-    deadline = time.monotonic() + timeout
-    while not job.done():
-        if time.monotonic() >= deadline:
-            job.cancel(check=False)
-            raise TimeoutError(
-                f"submitit job {job.job_id} not done after {timeout} s (state {job_state(job.job_id)!r}); cancelled. "
-                f"stderr:\n{job.stderr() or ''}"
-            )
-        time.sleep(poll_s)
+    wait_submitit_done(job, timeout, poll_s)
     return job.results()
 
 

@@ -61,11 +61,11 @@ def test_full_decode_is_plain_pil(big_jpeg: Path) -> None:
 
 
 def test_small_target_relative_to_crop_does_not_draft(big_jpeg: Path) -> None:
-    # Crop 200 px -> 128 px target: less than 2x reduction, so the plain path even with draft=True.
+    # Crop 200 px -> 64 px: half-scale decoding would leave 100 px < DRAFT_GAP * 64, so the plain path is taken.
     box = (100.0, 50.0, 200.0, 200.0)
     np.testing.assert_array_equal(
-        load_face(big_jpeg, size=128, channels=3, box=box, draft=True),
-        load_face(big_jpeg, size=128, channels=3, box=box, draft=False),
+        load_face(big_jpeg, size=64, channels=3, box=box, draft=True),
+        load_face(big_jpeg, size=64, channels=3, box=box, draft=False),
     )
 
 

@@ -36,8 +36,9 @@ def test_class_balanced_against_effective_number_formula():
     beta = 0.9
     effective = (1 - beta**counts) / (1 - beta)
     expected = (1 / effective) / (1 / effective).sum() * 3
-    np.testing.assert_allclose(class_weights(counts.astype(int), "class_balanced", beta=beta).numpy(), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        class_weights(counts.astype(int), "class_balanced", beta=beta).numpy(), expected, rtol=1e-6
+    )
 
 
 def test_inverse_frequency_hand_values():
@@ -62,13 +63,13 @@ def test_no_weights_for_plain_ce(scheme):
 
 
 def test_class_weights_errors():
-    with pytest.raises(ValueError, match=r"class 2 \('sad'\) has 0 training samples"):
+    with pytest.raises(ConfigError, match=r"class 2 \('sad'\) has 0 training samples.*loss.weighting=none"):
         class_weights([5, 4, 0], "inverse_frequency", names=["neutral", "happy", "sad"])
-    with pytest.raises(ValueError, match="class 1 has 0"):
+    with pytest.raises(ConfigError, match="class 1 has 0"):
         class_weights([5, 0, 3], "class_balanced")
     with pytest.raises(ConfigError, match=r"loss.beta must be in \[0, 1\)"):
         class_weights([5, 4], "class_balanced", beta=1.0)
-    with pytest.raises(ConfigError, match="allowed: none, ce, inverse_frequency, class_balanced"):
+    with pytest.raises(ConfigError, match="loss.weighting must be one of none, ce, inverse_frequency, class_balanced"):
         class_weights([5, 4], "sqrt")
 
 
@@ -83,7 +84,8 @@ def test_class_weights_errors():
         ({"va_weight": -1.0}, "loss.va_weight must be >= 0"),
         ({"landmark_weight": -0.1}, "loss.landmark_weight must be >= 0"),
         ({"expression_weight": -2.0}, "loss.expression_weight must be >= 0"),
-        ({"va_kind": "mae"}, "loss.va_kind must be one of ccc, mse"),
+        ({"va": "mae"}, "loss.va must be one of ccc, mse"),
+        ({"weighting": "sqrt"}, "loss.weighting must be one of none, ce, inverse_frequency, class_balanced"),
         ({"name": "hinge"}, "loss.name must be one of ce, inverse_frequency, class_balanced, focal"),
     ],
 )
@@ -93,8 +95,15 @@ def test_validate_loss_config_messages(kwargs, message):
         validate_loss_config(**args)
 
 
+def test_config_error_is_the_package_one():
+    # The CLI turns fer_lightning.config.ConfigError into a one-line message; loss errors must be that class.
+    from fer_lightning.config import ConfigError as PackageConfigError
+
+    assert ConfigError is PackageConfigError and issubclass(ConfigError, ValueError)
+
+
 def test_validate_loss_config_accepts_valid_values():
-    validate_loss_config("focal", 0.0, 2.0, 0.1, 0.0, 1.0, expression_weight=1.0, va_kind="mse")
+    validate_loss_config("focal", 0.0, 2.0, 0.1, 0.0, 1.0, weighting="class_balanced", expression_weight=1.0, va="mse")
     validate_loss_config("class_balanced", beta=0.9999)
 
 
@@ -247,7 +256,7 @@ def test_va_loss_falls_back_when_too_few_rows():
 
 def test_va_loss_rejects_unknown_kind():
     pred, target = _va_data()
-    with pytest.raises(ConfigError, match="loss.va_kind"):
+    with pytest.raises(ConfigError, match="loss.va must be one of ccc, mse"):
         va_loss(pred, target, kind="l1")
 
 

@@ -66,18 +66,23 @@ def test_sbatch_srun_two_tasks_gloo_all_reduce(tmp_path: Path) -> None:
     out_dir.mkdir()
     script = tmp_path / "job.sh"
     script.write_text(
-        "#!/bin/bash\nset -euo pipefail\n"
-        f"srun --kill-on-bad-exit=1 {sys.executable} {worker} {out_dir}\n"
+        f"#!/bin/bash\nset -euo pipefail\nsrun --kill-on-bad-exit=1 {sys.executable} {worker} {out_dir}\n"
     )
     log = tmp_path / "slurm-%j.out"
-    job_id, rc = sh.sbatch_wait(
-        [f"--partition={sh.PARTITION}", "--nodes=1", "--ntasks=2", "--time=5", f"--chdir={tmp_path}",
-         f"--output={log}", str(script)],
+    job_id, state = sh.sbatch_and_wait(
+        [
+            f"--partition={sh.PARTITION}",
+            "--nodes=1",
+            "--ntasks=2",
+            "--time=5",
+            f"--chdir={tmp_path}",
+            f"--output={log}",
+            str(script),
+        ],
         timeout=JOB_TIMEOUT_S,
     )
     job_log = sh.read_text(Path(str(log).replace("%j", str(job_id))))
-    assert rc == 0, f"job {job_id} exited {rc}; log:\n{job_log}"
-    assert sh.wait_job(job_id, timeout=30) == "COMPLETED"
+    assert state == "COMPLETED", f"job {job_id} ended {state}; log:\n{job_log}"
 
     results = {}
     for rank in (0, 1):
@@ -104,8 +109,15 @@ def test_submitit_two_tasks_report_their_ranks(tmp_path: Path) -> None:
         import submitit as sm
 
         env = sm.JobEnvironment()
-        return {"tag": tag, "global_rank": env.global_rank, "local_rank": env.local_rank,
-                "num_tasks": env.num_tasks, "num_nodes": env.num_nodes, "job_id": env.job_id, "pid": os.getpid()}
+        return {
+            "tag": tag,
+            "global_rank": env.global_rank,
+            "local_rank": env.local_rank,
+            "num_tasks": env.num_tasks,
+            "num_nodes": env.num_nodes,
+            "job_id": env.job_id,
+            "pid": os.getpid(),
+        }
 
     executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     executor.update_parameters(slurm_partition=sh.PARTITION, tasks_per_node=2, nodes=1, timeout_min=5, cpus_per_task=1)
@@ -120,6 +132,24 @@ def test_submitit_two_tasks_report_their_ranks(tmp_path: Path) -> None:
         assert r["job_id"] == str(job.job_id)
     assert results[0]["pid"] != results[1]["pid"]
     assert sh.wait_job(job.job_id, timeout=30) == "COMPLETED"
+
+
+def test_submitit_reports_a_killed_job_instead_of_waiting(tmp_path: Path) -> None:
+    submitit = pytest.importorskip("submitit")
+
+    # SIGKILL leaves no result pickle: only sacct (slurmdbd) can tell submitit that the job is over.
+    def killed() -> None:
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    executor = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
+    executor.update_parameters(slurm_partition=sh.PARTITION, tasks_per_node=1, nodes=1, timeout_min=5)
+    job = executor.submit(killed)
+    assert sh.wait_submitit_done(job, timeout=JOB_TIMEOUT_S) == "FAILED"
+    assert job.state == "FAILED"  # submitit's own view, read from sacct
+    assert not job.paths.result_pickle.exists()
 
 
 HYDRA_APP = textwrap.dedent(
@@ -154,7 +184,7 @@ def test_hydra_slurm_launcher_config_runs_a_sweep(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             hydra:
-              searchpath: ["file://{REPO_ROOT / 'conf'}"]
+              searchpath: ["file://{REPO_ROOT / "conf"}"]
               sweep: {{dir: "{sweep_dir}", subdir: "${{hydra.job.num}}"}}
               job: {{name: {job_name}}}
             trainer: {{num_nodes: 1, devices: 2}}
@@ -163,8 +193,15 @@ def test_hydra_slurm_launcher_config_runs_a_sweep(tmp_path: Path) -> None:
             """
         )
     )
-    cmd = [sys.executable, "probe_app.py", "-m", "hydra/launcher=slurm", "hydra.launcher.mem_gb=1",
-           "hydra.launcher.timeout_min=5", "x=1,2"]
+    cmd = [
+        sys.executable,
+        "probe_app.py",
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=5",
+        "x=1,2",
+    ]
     try:
         proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=2 * JOB_TIMEOUT_S)
     except subprocess.TimeoutExpired:

@@ -18,11 +18,10 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from fer_lightning.data.datamodule import DataConfigError
     from fer_lightning.data.images import ImageDecodeError
     from fer_lightning.formats.registry import DataFormatError
-    from fer_lightning.losses import ConfigError as LossConfigError
-    from fer_lightning.models.backbones import WeightsNotFoundError
+    from fer_lightning.models.backbones import WeightsMismatchError, WeightsNotFoundError
 
-    return (ConfigError, LossConfigError, DataCheckError, DataConfigError, DataFormatError, ImageDecodeError,
-            WeightsNotFoundError)  # fmt: skip
+    return (ConfigError, DataCheckError, DataConfigError, DataFormatError, ImageDecodeError, WeightsNotFoundError,
+            WeightsMismatchError)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -94,8 +94,9 @@ class ImageCache:
         """Open the cache for these records and parameters, building it first (once, under a lock) if needed."""
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
-        if not isinstance(size, int) or size < 1:
+        if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
             raise ValueError(f"size must be a positive integer, got {size!r}")
+        size = int(size)
         root, cache_dir = Path(root), Path(cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True)
         params = {"size": size, "channels": channels, "draft": bool(draft), "layout": "NCHW-uint8", **DECODE_POLICY}
@@ -117,7 +118,7 @@ class ImageCache:
         return cls(final, shape, fingerprint, built=True)
 
     @classmethod
-    def _open_complete(cls, final: Path, fingerprint: str, shape: tuple[int, ...]) -> ImageCache | None:
+    def _open_complete(cls, final: Path, fingerprint: str, shape: tuple[int, int, int, int]) -> ImageCache | None:
         """The finished cache at `final`, or None when there is none or it does not match (then it is rebuilt)."""
         meta_path = final / META_FILE
         if not meta_path.is_file():
@@ -135,7 +136,7 @@ class ImageCache:
             log.warning("image cache %s has %d bytes, expected %d; rebuilding it", final, images_bytes, np.prod(shape))
             return None
         log.info("using image cache %s (%d images, %.1f MB)", final, shape[0], images_bytes / 2**20)
-        return cls(final, shape, fingerprint, built=False)  # type: ignore[arg-type]
+        return cls(final, shape, fingerprint, built=False)
 
     @property
     def path(self) -> Path:

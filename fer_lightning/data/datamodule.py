@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 from fer_lightning.data.checks import CheckReport, run_checks
@@ -53,7 +53,7 @@ class FERDataModule(pl.LightningDataModule):
         landmarks: bool = False,
     ):
         super().__init__()
-        self.cfg = dict(data)
+        self.cfg = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.sampling = sampling
         self.augment = dict(augment or {})
         self.seed = int(seed)
@@ -74,11 +74,11 @@ class FERDataModule(pl.LightningDataModule):
     def resolve_root(self) -> Path:
         """The data root; the synthetic data set is generated (once, cached by its parameters) here."""
         synth = self.cfg.get("synthetic")
-        if synth:
+        root = self.cfg.get("root")
+        if synth and root in (None, ""):
             from fer_lightning.data.synthetic import ensure_synthetic
 
             return ensure_synthetic(self.cache_dir, **dict(synth))
-        root = self.cfg.get("root")
         if root in (None, "", "???"):
             raise DataConfigError("data.root is not set: pass data.root=/path/to/your/data set")
         root = Path(os.path.expanduser(str(root)))
@@ -281,6 +281,3 @@ class FERDataModule(pl.LightningDataModule):
             out.append(leak_path)
         return out
 
-
-def label_array(records: pd.DataFrame) -> np.ndarray:
-    return records["expression"].fillna(-1).to_numpy(np.int64)

@@ -63,7 +63,9 @@ def find_leaks(
         raise ValueError(f"data.leakage: hash size must be at least 4, got {size}")
     n_bits = (size // 2) ** 2 - 1
     if not 0 <= hamming < n_bits // 2:
-        raise ValueError(f"data.leakage: hamming threshold must be in [0, {n_bits // 2}) for size {size}, got {hamming}")
+        raise ValueError(
+            f"data.leakage: hamming threshold must be in [0, {n_bits // 2}) for size {size}, got {hamming}"
+        )
     root = Path(root)
     paths = records["path"].astype(str).tolist()
     splits = records["split"].astype(str).to_numpy()
@@ -92,13 +94,14 @@ def find_leaks(
         out.attrs["unreadable"] = unreadable
         return out
     sha1 = np.array([hashed[i][0] for i in index], dtype=object)
-    direct = _pack(np.stack([hashed[i][1] for i in index]))
-    mirror = _pack(np.stack([hashed[i][2] for i in index]))
     bits = np.stack([hashed[i][1] for i in index])
     mirror_bits = np.stack([hashed[i][2] for i in index])
+    direct, mirror = _pack(bits), _pack(mirror_bits)
     split = splits[index]
 
-    pairs = [_equal_key_pairs(sha1, sha1)]
+    # The first 8 bytes of the SHA-1 find the candidates; the full digest decides "exact" below.
+    sha1_key = np.array([int(h[:16], 16) for h in sha1], dtype=np.uint64)
+    pairs = [_equal_key_pairs(sha1_key, sha1_key)]
     # Pigeonhole: two hashes within `hamming` bits agree exactly on at least one of hamming + 1 bands.
     for band in np.array_split(np.arange(n_bits), hamming + 1):
         key, mirror_key = _band_key(bits[:, band]), _band_key(mirror_bits[:, band])
@@ -213,11 +216,15 @@ def _band_key(bits: np.ndarray) -> np.ndarray:
 
 
 def _equal_key_pairs(left: np.ndarray, right: np.ndarray) -> np.ndarray:
-    """All (i, j) with left[i] == right[j], as an (m, 2) int64 array."""
-    merged = pd.DataFrame({"key": left, "i": np.arange(len(left))}).merge(
-        pd.DataFrame({"key": right, "j": np.arange(len(right))}), on="key"
-    )
-    return merged[["i", "j"]].to_numpy(dtype=np.int64).reshape(-1, 2)
+    """All (i, j) with left[i] == right[j], as an (m, 2) int64 array (a sort-merge join)."""
+    order = np.argsort(right, kind="stable")
+    ordered = right[order]
+    lo = np.searchsorted(ordered, left, side="left")
+    counts = np.searchsorted(ordered, left, side="right") - lo
+    i = np.repeat(np.arange(len(left)), counts)
+    offsets = np.arange(len(i)) - np.repeat(np.cumsum(counts) - counts, counts)
+    j = order[np.repeat(lo, counts) + offsets]
+    return np.stack([i, j], axis=1).astype(np.int64)
 
 
 def _empty() -> pd.DataFrame:

@@ -29,7 +29,7 @@ from fer_lightning.formats.registry import DataFileNotFoundError, DataFormatErro
 log = logging.getLogger(__name__)
 
 SET_DIRS = ("train_set", "val_set")
-_CHUNK = 1000
+_CHUNK = 256
 
 # Parsed .npy headers by their raw bytes: the hundreds of thousands of files share a handful of headers,
 # and np.load's per-file header parsing costs several times the actual read.
@@ -44,6 +44,8 @@ def read(
     workers: int = 16,
 ) -> pd.DataFrame:
     """Read root/train_set and root/val_set into a records-shaped DataFrame (paths relative to root)."""
+    if official_val_split not in ("val", "test"):
+        raise DataFormatError(f"official_val_split: {official_val_split!r} is not 'val' or 'test'")
     root = Path(root)
     if not root.is_dir():
         raise DataFileNotFoundError(f"data.root: {str(root)!r} does not exist; expected a folder holding "
@@ -72,6 +74,8 @@ def _read_set(root: Path, set_dir: str, split: str, workers: int) -> pd.DataFram
             raise DataFileNotFoundError(f"{folder} is missing; the affectnet_npy format expects {set_dir}/images/ "
                                         f"and {set_dir}/annotations/ under {root}")
     ids = _sample_ids(ann_dir)
+    if not ids:
+        log.warning("%s: no *_exp.npy files; %s contributes no rows", ann_dir, set_dir)
     images = {Path(e.name).stem: e.name for e in os.scandir(img_dir) if e.is_file()}
     unannotated = len(images.keys() - set(ids))
     if unannotated:

@@ -44,7 +44,9 @@ def read(root: Path, extra_classes: Sequence[str] = ()) -> pd.DataFrame:
     """Read an image-folder data set; labels are the class folder names, mapped by name onto the taxonomy."""
     root = Path(root)
     if not root.is_dir():
-        raise _format_error(f"image_folder: data root {root} does not exist or is not a folder; expected {LAYOUT}", missing=True)
+        raise _format_error(
+            f"image_folder: data root {root} does not exist or is not a folder; expected {LAYOUT}", missing=True
+        )
     split_dirs = _split_dirs(root)
     taxonomy = Taxonomy(extra_classes)
     rows: list[dict] = []
@@ -111,7 +113,12 @@ def _read_class_folder(folder: Path, split: str, root: Path, issues: list[tuple[
         attrs = metadata.get(image.name)
         if metadata_files and attrs is None:
             issues.append((_rel(image, root), "image has no metadata row"))
-        row = {"path": _rel(image, root), "split": split, "label_raw": folder.name, "_has_metadata": bool(metadata_files)}
+        row = {
+            "path": _rel(image, root),
+            "split": split,
+            "label_raw": folder.name,
+            "_has_metadata": bool(metadata_files),
+        }
         row.update({f"group_{k}": v for k, v in (attrs or {}).items()})
         rows.append(row)
     return rows
@@ -143,7 +150,10 @@ def _merge_via(csv_path: Path, metadata: dict[str, dict[str, str]], root: Path, 
         # VIA writes one row per region, so one file repeats; its file attributes must agree.
         if filename in metadata and metadata[filename] != attrs:
             issues.append(
-                (_rel(csv_path.parent / filename, root), f"conflicting file_attributes in {csv_path.name}; kept the first")
+                (
+                    _rel(csv_path.parent / filename, root),
+                    f"conflicting file_attributes in {csv_path.name}; kept the first",
+                )
             )
             continue
         metadata.setdefault(filename, attrs)

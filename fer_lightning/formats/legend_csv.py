@@ -20,7 +20,9 @@ def read(
     """Read the legend; every row is split 'train' and `attrs['needs_split']` asks the data module to split."""
     root = Path(root)
     if not root.is_dir():
-        raise _format_error(f"legend_csv: data root {root} does not exist or is not a folder; expected {LAYOUT}", missing=True)
+        raise _format_error(
+            f"legend_csv: data root {root} does not exist or is not a folder; expected {LAYOUT}", missing=True
+        )
     legend_path = _find_legend(root, legend)
     image_dir = root / images
     if not image_dir.is_dir():
@@ -58,7 +60,9 @@ def _find_legend(root: Path, legend: str | None) -> Path:
     if legend is not None:
         path = Path(legend) if Path(legend).is_absolute() else root / legend
         if not path.is_file():
-            raise _format_error(f"legend_csv: legend file {path} (option data.reader.legend) does not exist", missing=True)
+            raise _format_error(
+                f"legend_csv: legend file {path} (option data.reader.legend) does not exist", missing=True
+            )
         return path
     for candidate in DEFAULT_LEGENDS:
         if (root / candidate).is_file():

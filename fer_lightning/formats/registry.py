@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import pkgutil
 from pathlib import Path
 
 import pandas as pd
 
-from fer_lightning.data.records import make_records
+from fer_lightning.data.records import SPLITS, make_records
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +49,29 @@ def read_records(format: str, root: str | Path, **options) -> pd.DataFrame:
     reader = getattr(module, "read", None)
     if not callable(reader):
         raise DataFormatError(f"fer_lightning/formats/{format}.py has no read(root, **options) function")
+    _check_options(format, reader, root, options)
     df = reader(root, **options)
     if not isinstance(df, pd.DataFrame):
         raise DataFormatError(f"fer_lightning.formats.{format}.read returned {type(df).__name__}, not a DataFrame")
+    if "split" in df:
+        # make_records would turn an unknown split name into NaN, silently dropping the rows from every split.
+        bad = sorted(set(df["split"].dropna().astype(str)) - set(SPLITS))
+        bad += ["<missing>"] if df["split"].isna().any() else []
+        if bad:
+            raise DataFormatError(f"format {format}: split names {bad} are not one of {list(SPLITS)}")
     records = make_records(df)
     log.info("read %d records from %s (format %s): %s", len(records), root, format,
              records["split"].value_counts(sort=False).to_dict())
     return records
+
+
+def _check_options(format: str, reader, root: Path, options: dict) -> None:
+    """Name the data.reader option a reader does not take, instead of a TypeError from deep inside."""
+    try:
+        inspect.signature(reader).bind(root, **options)
+    except TypeError as err:
+        params = [p for p in inspect.signature(reader).parameters if p != "root"]
+        unknown = sorted(set(options) - set(params))
+        raise DataFormatError(
+            f"data.reader: format {format} does not take {unknown or err}; its options are {params}"
+        ) from err

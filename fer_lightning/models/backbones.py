@@ -17,7 +17,7 @@ import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from fer_lightning.losses import ConfigError
+from fer_lightning.config import ConfigError
 
 Builder = Callable[..., tuple[nn.Module, int]]
 
@@ -106,14 +106,17 @@ def build_backbone(
             f"{', '.join(options) or '(none)'}"
         )
     if pretrained and weights_path is None and in_channels not in (1, 3):
-        raise ConfigError(f"pretrained RGB weights fit 1 or 3 input channels, not {in_channels}; "
-                          "set backbone.pretrained=false")
+        raise ConfigError(
+            f"pretrained RGB weights fit 1 or 3 input channels, not {in_channels}; set backbone.pretrained=false"
+        )
     module, feat_dim = builder(in_channels=in_channels, image_size=image_size, **kwargs)
     if weights_path is not None:
         path = Path(weights_path)
         if not path.is_file():
-            raise WeightsNotFoundError(f"backbone.weights_path={weights_path} does not exist; point it at a saved "
-                                       "state dict or set backbone.weights_path=null")
+            raise WeightsNotFoundError(
+                f"backbone.weights_path={weights_path} does not exist; point it at a saved "
+                "state dict or set backbone.weights_path=null"
+            )
         load_backbone_state(module, _read_state(path), source=str(path), dropped_prefixes=info.dropped_prefixes)
     elif pretrained:
         if info.weights_enum is None:
@@ -159,7 +162,7 @@ def load_backbone_state(
     own = module.state_dict()
     # A training checkpoint holds the whole model; the backbone's part sits under "backbone.".
     if not any(k.startswith("backbone.") for k in own) and any(k.startswith("backbone.") for k in state):
-        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        state = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
     state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in dropped_prefixes)}
     adapted: dict[str, Tensor] = {}
     mismatched: list[str] = []
@@ -167,8 +170,14 @@ def load_backbone_state(
         if key not in own:
             continue
         target = own[key]
-        if value.shape != target.shape and value.ndim == 4 and value.shape[1] == 3 and target.shape[1] == 1 \
-                and value.shape[0] == target.shape[0] and value.shape[2:] == target.shape[2:]:
+        if (
+            value.shape != target.shape
+            and value.ndim == 4
+            and value.shape[1] == 3
+            and target.shape[1] == 1
+            and value.shape[0] == target.shape[0]
+            and value.shape[2:] == target.shape[2:]
+        ):
             # Grayscale input = equal R, G, B, so summing the RGB kernels gives the same response.
             value = value.sum(dim=1, keepdim=True)
         if value.shape != target.shape:
@@ -179,7 +188,11 @@ def load_backbone_state(
     unexpected = [k for k in state if k not in own]
     if missing or unexpected or mismatched:
         parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise WeightsMismatchError(
@@ -207,17 +220,23 @@ def _conv_bn_act(cin: int, cout: int, k: int, act: nn.Module) -> list[nn.Module]
 
 def _check_size(x: Tensor, image_size: int, name: str) -> None:
     if x.shape[-2:] != (image_size, image_size):
-        raise ValueError(f"backbone {name!r} was built for data.image_size={image_size} but got input "
-                         f"{tuple(x.shape[-2:])}; its flatten size depends on the image size")
+        raise ValueError(
+            f"backbone {name!r} was built for data.image_size={image_size} but got input "
+            f"{tuple(x.shape[-2:])}; its flatten size depends on the image size"
+        )
 
 
 @register_backbone("simple_cnn", min_image_size=16)
-def simple_cnn(in_channels: int, image_size: int, *, widths: Sequence[int] = (32, 64, 128, 256)) -> tuple[nn.Module, int]:
+def simple_cnn(
+    in_channels: int, image_size: int, *, widths: Sequence[int] = (32, 64, 128, 256)
+) -> tuple[nn.Module, int]:
     """Small fast CNN: conv3x3-BN-ReLU-maxpool blocks, then global average pooling."""
     widths = tuple(int(w) for w in widths)
     if image_size < 2 ** len(widths):
-        raise ConfigError(f"data.image_size={image_size} is too small for {len(widths)} pooling blocks "
-                          f"(needs {2 ** len(widths)}); shorten backbone.widths or raise data.image_size")
+        raise ConfigError(
+            f"data.image_size={image_size} is too small for {len(widths)} pooling blocks "
+            f"(needs {2 ** len(widths)}); shorten backbone.widths or raise data.image_size"
+        )
     layers: list[nn.Module] = []
     cin = in_channels
     for w in widths:
@@ -325,8 +344,13 @@ class VGGStyle(nn.Module):
         self.features = nn.Sequential(*layers)
         flat = 256 * _vgg_side(image_size) ** 2
         self.dense = nn.Sequential(
-            nn.Linear(flat, 128), nn.ReLU(inplace=True), nn.BatchNorm1d(128), nn.Dropout(dropout_dense),
-            nn.Linear(128, 64), nn.ReLU(inplace=True), nn.BatchNorm1d(64),
+            nn.Linear(flat, 128),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(128),
+            nn.Dropout(dropout_dense),
+            nn.Linear(128, 64),
+            nn.ReLU(inplace=True),
+            nn.BatchNorm1d(64),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -345,8 +369,16 @@ def vgg_style(
 def _with_in_channels(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     if in_channels == conv.in_channels:
         return conv
-    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
-                     dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None)
+    return nn.Conv2d(
+        in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=conv.bias is not None,
+    )
 
 
 @register_backbone("alexnet", min_image_size=63, weights_enum=tvm.AlexNet_Weights, dropped_prefixes=("classifier.",))

@@ -71,6 +71,8 @@ class FERModule(pl.LightningModule):
         self.metrics = nn.ModuleDict(
             {stage: ExpressionMetricSuite(self.num_classes, class_names=list(class_names)) for stage in ("val", "test")}
         )
+        # the last epoch's deduplicated (probs, target) per stage, for the confusion matrix and reports
+        self.eval_predictions: dict[str, tuple] = {}
         self.va_metrics = nn.ModuleDict({stage: VAMetricSuite() for stage in ("val", "test")}) if va else None
         # the train-stage running accuracy is the only per-step metric: cheap and kept on the device
         self.register_buffer("_train_correct", torch.zeros((), dtype=torch.long), persistent=False)
@@ -132,6 +134,7 @@ class FERModule(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_epoch_end(self, stage: str) -> None:
+        self.eval_predictions[stage] = self.metrics[stage].samples()
         values = dict(self.metrics[stage].compute())
         if self.va_metrics is not None:
             values.update(self.va_metrics[stage].compute())
