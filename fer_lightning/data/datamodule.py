@@ -93,6 +93,10 @@ class FERDataModule(pl.LightningDataModule):
         self.root = self.resolve_root()
         reader_opts = dict(self.cfg.get("reader") or {})
         if self.cfg.get("extra_classes"):
+            if not reader_accepts(self.cfg["format"], "extra_classes"):
+                raise DataConfigError(
+                    f"data.extra_classes is set, but format {self.cfg['format']} has a fixed label set; remove it"
+                )
             reader_opts["extra_classes"] = list(self.cfg["extra_classes"])
         records = read_records(self.cfg["format"], self.root, **reader_opts)
         self.label_mapping = dict(records.attrs.get("label_mapping", {}))
@@ -103,6 +107,7 @@ class FERDataModule(pl.LightningDataModule):
             records,
             self.root,
             classes=self.class_ids,
+            known_ids=list(self.taxonomy.id_to_name),
             policy=str(self.cfg.get("checks", "error")),
             decode=str(self.cfg.get("checks_decode", "header")),
         )
@@ -119,7 +124,8 @@ class FERDataModule(pl.LightningDataModule):
 
     def _subset_classes(self, records: pd.DataFrame) -> pd.DataFrame:
         expr = records["expression"]
-        outside = expr.notna() & ~expr.isin(self.class_ids)
+        # canonical classes left out of data.classes are filtered here; ids outside the taxonomy stay for the checks
+        outside = expr.notna() & expr.isin(list(self.taxonomy.id_to_name)) & ~expr.isin(self.class_ids)
         if outside.any():
             dropped = records.loc[outside, "expression"].map(lambda c: self.taxonomy.name_of(int(c))).value_counts()
             policy = self.cfg.get("other_classes", "drop")
@@ -281,3 +287,11 @@ class FERDataModule(pl.LightningDataModule):
             out.append(leak_path)
         return out
 
+
+def reader_accepts(format_name: str, option: str) -> bool:
+    """Whether the format's reader takes a keyword option (e.g. extra_classes)."""
+    import importlib
+    import inspect
+
+    module = importlib.import_module(f"fer_lightning.formats.{format_name}")
+    return option in inspect.signature(module.read).parameters

@@ -58,7 +58,9 @@ class FERDataset(Dataset):
         self.labels = np.array(
             [class_index.get(int(e), MISSING_LABEL) if pd.notna(e) else MISSING_LABEL for e in expr], dtype=np.int64
         )
-        self.va = records[["valence", "arousal"]].to_numpy(np.float32)
+        va = records[["valence", "arousal"]].to_numpy(np.float32)
+        # AffectNet's -2 non-face marker (kept when drop_non_expression=false) is a missing target, not a value
+        self.va = np.where(np.abs(va) <= 1.0, va, np.nan).astype(np.float32)
         self.landmarks = list(records["landmarks"]) if landmarks else None
 
     def __len__(self) -> int:

@@ -140,7 +140,7 @@ class _Difficulty:
     expression_jitter: float = 0.22  # sd of per-image noise on every expression parameter
     resting_jitter: float = 0.15  # sd of the identity's resting face (some people look sad at rest)
     rotation_deg: float = 18.0
-    scale: tuple[float, float] = (0.24, 0.34)  # face half-width as a fraction of the image size
+    scale: tuple[float, float] = (0.27, 0.35)  # face half-width as a fraction of the image size
     shift: float = 0.08
     p_glasses: float = 0.2
     p_sunglasses: float = 0.06
@@ -235,7 +235,7 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
     fh = rng.uniform(1.25, 1.45)  # face height (chin distance)
     eye_dx = rng.uniform(0.36, 0.44)
     eye_y = rng.uniform(-0.3, -0.2)
-    eye_w = rng.uniform(0.14, 0.19)
+    eye_w = rng.uniform(0.16, 0.21)
     brow_y = eye_y - rng.uniform(0.24, 0.32)
     mouth_y = rng.uniform(0.58, 0.7)
     mouth_w = rng.uniform(0.27, 0.36) * (1.0 + 0.3 * g["mouth_width"])
@@ -254,9 +254,9 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
     by = (
         brow_y
         - 0.06 * np.sin(math.pi * (0.2 + 0.7 * u))
-        - 0.14 * g["brow_raise"]
-        - 0.16 * g["brow_tilt"] * (u - 0.3)
-        + 0.06 * g["brow_squeeze"] * u
+        - 0.2 * g["brow_raise"]
+        - 0.25 * g["brow_tilt"] * (u - 0.3)
+        + 0.08 * g["brow_squeeze"] * u
     )
     pts[17:22] = np.stack([bx, by], 1)
     pts[22:27] = np.stack([-bx[::-1], by[::-1]], 1)
@@ -268,7 +268,7 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
     pts[31:36, 0] = nx
     pts[31:36, 1] = nose_y - 0.04 * wr + np.array([0.0, 0.02, 0.035, 0.02, 0.0])
 
-    up = 0.07 * max(1.0 + g["eye_open"], 0.1)
+    up = 0.08 * max(1.0 + g["eye_open"], 0.1)
     low = 0.05 * max(1.0 + 0.6 * g["eye_open"], 0.1) * max(1.0 - 0.7 * g["eye_squint"], 0.15)
     for side, idx in ((-1.0, (36, 37, 38, 39, 40, 41)), (1.0, (45, 44, 43, 42, 47, 46))):
         # Listed outer corner, upper outer, upper inner, inner corner, lower inner, lower outer.
@@ -278,11 +278,11 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
         ys = [eye_y, eye_y - up, eye_y - up, eye_y + 0.005, eye_y + low, eye_y + low]
         pts[list(idx)] = np.stack([xs, ys], 1)
 
-    gap = 0.3 * max(g["mouth_open"], 0.0)
+    gap = 0.35 * max(g["mouth_open"], 0.0)
     th_up = 0.05 * max(1.0 - 0.7 * g["lip_press"], 0.25)
     th_low = 0.065 * max(1.0 - 0.7 * g["lip_press"], 0.25)
-    curve = 0.13 * g["mouth_curve"]
-    asym = 0.11 * max(g["mouth_asym"], 0.0)
+    curve = 0.2 * g["mouth_curve"]
+    asym = 0.18 * max(g["mouth_asym"], 0.0)
     ulr = 0.06 * max(g["upper_lip_raise"], 0.0)
 
     def line(x: np.ndarray) -> np.ndarray:
