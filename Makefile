@@ -10,7 +10,7 @@ PORT ?= 5000
 ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-slow lint format ui mlflow-server explore eval report predict export bench clean
+.PHONY: help install install-system train test test-slow lint format ui mlflow-server explore eval report predict export bench clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*?## "}{printf "  make %-14s %s\n", $$1, $$2}'
@@ -28,6 +28,19 @@ $(STAMP): pyproject.toml
 
 train: install ## train the default experiment on the synthetic data, logged to MLflow
 	$(BIN)/fer-train $(ARGS)
+
+eval: install ## evaluate a checkpoint on a test split: make eval ARGS='ckpt_path=outputs/train/.../last.ckpt'
+	$(BIN)/fer-eval $(ARGS)
+
+report: install ## leaderboard of MLflow runs (markdown, CSV, plot) beside the AffectNet baselines
+	$(BIN)/fer-report $(ARGS)
+
+explore: install ## data-exploration report (HTML + PNGs, MLflow run_type=explore): make explore ARGS='data=legend_csv data.root=...'
+	$(BIN)/fer-explore $(ARGS)
+
+install-system: ## system packages for the tests: headless Chromium (renders the explore report); Debian/Ubuntu
+	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium; }
 
 test: install ## run the test suite (fast tests; slow/gpu are excluded)
 	$(BIN)/pytest $(ARGS)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import pandas as pd
 
@@ -159,3 +160,40 @@ def to_markdown(df: pd.DataFrame, digits: int = 3) -> str:
 
     align = "| " + " | ".join("---:" if num else "---" for num in numeric) + " |"
     return "\n".join([line(header), align, *(line(r) for r in body)])
+
+
+# our metric name (without the stage prefix) -> (paper metric, variant); F1 in the paper is the class-averaged F1
+_PAPER_KEYS: dict[str, tuple[str, str]] = {
+    **{("f1_macro" if m == "f1" else m): (m, "orig") for m in EXPRESSION_METRICS},
+    **{("f1_macro" if m == "f1" else m) + "_norm": (m, "norm") for m in EXPRESSION_METRICS},
+    **{m: (m, "orig") for m in VA_METRICS},
+}
+
+
+def paper_metric(key: str) -> tuple[str, str] | None:
+    """(paper metric, variant) that our metric `key` (e.g. `test/f1_macro_norm`) corresponds to, or None."""
+    return _PAPER_KEYS.get(key.rsplit("/", 1)[-1])
+
+
+def baseline_label(model: str, column: str) -> str:
+    """Row label of one published baseline, e.g. `AffectNet paper: AlexNet CNN, Weighted-Loss`."""
+    if column == VA_COLUMN:
+        return f"AffectNet paper: {model}, valence/arousal regression"
+    return f"AffectNet paper: {model}" + ("" if column == model else f", {column}")
+
+
+def baseline_rows(metrics: Sequence[str]) -> pd.DataFrame:
+    """The paper's rows in our metric names: index = row label, one column per key of `metrics` (NaN = not
+    published). Rows that publish none of `metrics` are left out."""
+    table = BASELINES.set_index(["model", "column", "metric", "variant"])["value"]
+    rows: dict[str, dict[str, float]] = {}
+    for model, column in dict.fromkeys(zip(BASELINES["model"], BASELINES["column"])):
+        values = {}
+        for key in metrics:
+            paper = paper_metric(key)
+            values[key] = float(table.get((model, column, *paper), math.nan)) if paper else math.nan
+        if any(not math.isnan(v) for v in values.values()):
+            rows[baseline_label(model, column)] = values
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=list(metrics), dtype=float)
+    out.index.name = "row"
+    return out

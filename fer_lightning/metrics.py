@@ -21,6 +21,7 @@ from sklearn.metrics import (
     cohen_kappa_score,
     f1_score,
     precision_recall_fscore_support,
+    precision_score,
     recall_score,
     roc_auc_score,
 )
@@ -31,6 +32,7 @@ from torchmetrics.utilities import dim_zero_cat
 AGGREGATE_KEYS: tuple[str, ...] = (
     "accuracy",
     "balanced_accuracy",
+    "precision_macro",
     "f1_macro",
     "f1_weighted",
     "kappa",
@@ -162,6 +164,7 @@ def _aggregate(probs: np.ndarray, pred: np.ndarray, target: np.ndarray, weight: 
     return {
         "accuracy": float(accuracy_score(target, pred, sample_weight=weight)),
         "balanced_accuracy": float(recall_score(target, pred, average="macro", **kwargs)),
+        "precision_macro": float(precision_score(target, pred, average="macro", **kwargs)),
         "f1_macro": float(f1_score(target, pred, average="macro", **kwargs)),
         "f1_weighted": float(f1_score(target, pred, average="weighted", **kwargs)),
         "kappa": _kappa(target, pred, weight),
@@ -393,15 +396,21 @@ class ExpressionMetricSuite(Metric):
         keep = _first_occurrence(_gathered(self.index).astype(np.int64), target)
         return expression_metrics(probs[keep], target[keep], class_names=self.class_names)
 
-    def samples(self) -> tuple[np.ndarray, np.ndarray]:
-        """Deduplicated (probs, target) gathered from every device, for figures and per-sample reports."""
+    def samples(self, with_index: bool = False) -> tuple[np.ndarray, ...]:
+        """Deduplicated (probs, target[, index]) from every device, sorted by sample index, for figures and reports.
+
+        `index` is the data set row of each sample (what `update` was given), so per-sample reports can join
+        the records (paths, group columns) even when only part of the split was evaluated.
+        """
         with self.sync_context():
             probs = _gathered(self.probs)
             if probs is None:
-                return np.zeros((0, self.num_classes)), np.zeros(0, dtype=np.int64)
+                empty = (np.zeros((0, self.num_classes)), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+                return empty if with_index else empty[:2]
             target = _gathered(self.target).astype(np.int64)
-            keep = _first_occurrence(_gathered(self.index).astype(np.int64), target)
-        return probs[keep], target[keep]
+            index = _gathered(self.index).astype(np.int64)
+            keep = _first_occurrence(index, target)
+        return (probs[keep], target[keep], index[keep]) if with_index else (probs[keep], target[keep])
 
 
 class VAMetricSuite(Metric):
@@ -437,3 +446,14 @@ class VAMetricSuite(Metric):
         target = _gathered(self.target).astype(np.float64)
         keep = _first_occurrence(_gathered(self.index).astype(np.int64), target)
         return va_metrics(pred[keep], target[keep])
+
+    def samples(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Deduplicated (pred, target, index) from every device, sorted by sample index; (N, 2) [valence, arousal]."""
+        with self.sync_context():
+            pred = _gathered(self.pred)
+            if pred is None:
+                return np.zeros((0, 2)), np.zeros((0, 2)), np.zeros(0, dtype=np.int64)
+            target = _gathered(self.target).astype(np.float64)
+            index = _gathered(self.index).astype(np.int64)
+            keep = _first_occurrence(index, target)
+        return pred[keep].astype(np.float64), target[keep], index[keep]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from typing import Any
 from mlflow.entities import Param
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
+
+from fer_lightning.mlflow_retry import ResilientMLFlowLogger
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,12 @@ def make_logger(
     uri = str(cfg["tracking_uri"])
     prepare_store(uri)
     artifact_location = cfg.get("artifact_location")
+    if uri.startswith(("http://", "https://")) and artifact_location and "://" not in str(artifact_location):
+        artifact_location = None  # a local path means nothing to a remote server: it serves its own artifact store
     if artifact_location and "://" not in str(artifact_location):
         Path(artifact_location).mkdir(parents=True, exist_ok=True)
         artifact_location = Path(artifact_location).resolve().as_uri()
-    logger = MLFlowLogger(
+    logger = ResilientMLFlowLogger(
         experiment_name=str(cfg.get("experiment_name", "fer_lightning")),
         run_name=run_name,
         tracking_uri=uri,
@@ -44,6 +49,8 @@ def make_logger(
         artifact_location=artifact_location,
         run_id=run_id,
         log_model=False,
+        retry_timeout_s=float(cfg.get("retry_timeout_s", 60.0)),
+        spool_dir=cfg.get("spool_dir"),
     )
     _ = logger.experiment  # create the run now: it exists (and can end FAILED) before anything else happens
     return logger
@@ -90,6 +97,9 @@ def end_run(logger: MLFlowLogger | None, status: str) -> None:
         logger.experiment.set_terminated(logger.run_id, status)
     except Exception as err:  # the run outcome matters more than a bookkeeping error here
         log.warning("could not mark MLflow run %s %s: %s", logger.run_id, status, err)
+    report = logger.unsent_report() if isinstance(logger, ResilientMLFlowLogger) else None
+    if report:  # the server went away mid-run: say what is kept locally and how to upload it
+        print(report, file=sys.stderr, flush=True)
 
 
 def git_commit(cwd: Path | None = None) -> str:

@@ -14,13 +14,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 
-from fer_lightning import tracking
-from fer_lightning.baselines import comparison_table, format_table, to_markdown
+from fer_lightning import sweep, tracking
 from fer_lightning.config import validate_config
 from fer_lightning.data.datamodule import FERDataModule
-from fer_lightning.metrics import confusion_matrix
+from fer_lightning.ema import ema_callbacks
+from fer_lightning.eval_artifacts import SampleCollector, split_records, write_eval_artifacts
 from fer_lightning.models.module import _MEAN, _STD, FERModule
-from fer_lightning.plots import plot_confusion_matrix
+from fer_lightning.resume import RunSession
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,10 @@ def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
         optimizer=instantiate(cfg.model.optimizer),
         scheduler=instantiate(cfg.model.scheduler.factory) if cfg.model.scheduler.factory else None,
         scheduler_interval=str(cfg.model.scheduler.interval),
+        mixing={k: OmegaConf.to_container(cfg.model[k], resolve=True) for k in ("mixup", "cutmix") if k in cfg.model},
+        tta=str(cfg.eval.tta),
+        channels_last=bool(cfg.model.get("channels_last", False)),
+        compile=bool(cfg.model.get("compile", False)),
         preprocessing={
             "image_size": size,
             "channels": channels,
@@ -81,6 +85,7 @@ def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
             "std": list(_STD[channels]),
             "face_crop": "box when the records have one, else the whole image",
             "resize": "bilinear, antialiased, to image_size x image_size",
+            "draft": bool(cfg.data.get("draft", True)),
         },
     )
 
@@ -93,10 +98,10 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, l
         auto_insert_metric_name=False,
         monitor=cb.checkpoint.monitor,
         mode=cb.checkpoint.mode,
-        save_last=bool(cb.checkpoint.save_last),
+        save_last=False,  # last.ckpt (what a resume continues) is written by resume.RunSession's callbacks
         save_top_k=1,
     )
-    callbacks: list[pl.Callback] = [checkpoint]
+    callbacks: list[pl.Callback] = [checkpoint, *ema_callbacks(cfg.model.get("ema"))]
     if cb.early_stopping.get("patience") is not None:
         callbacks.append(
             EarlyStopping(
@@ -111,17 +116,26 @@ def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, l
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train and test one configuration; returns the final metrics (val at the best epoch, test, best ckpt)."""
     validate_config(cfg)
+    if (cfg.get("cv") or {}).get("folds"):
+        from fer_lightning.kfold import run_kfold
+
+        return run_kfold(cfg)  # k child runs, each back through train() with its fold
+    run = RunSession(cfg)  # a new run, or one to continue: resume=..., a requeued SLURM job (resume.py)
+    cfg = run.cfg
     choices = group_choices(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     root_dir = Path(cfg.paths.root_dir)
     tags = {**{f"group.{k}": v for k, v in choices.items()}, **choices, "git_commit": tracking.git_commit(root_dir)}
     tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
+    tags.update(sweep.job_tags())  # in a multirun: parent run, sweep id, job number, seed
     # the logger (and its run) exists before seeding and before data loading, so any failure is recorded
-    logger = tracking.make_logger(cfg.logger, run_name=cfg.run_name or default_run_name(choices), tags=tags)
+    run_name = cfg.run_name or sweep.job_run_name() or default_run_name(choices)
+    logger = tracking.make_logger(cfg.logger, run_name=run_name, tags=tags, run_id=run.run_id)
     try:
+        run.attach(logger)
         pl.seed_everything(int(cfg.seed), workers=True)
-        if logger is not None:
+        if logger is not None and run.rank_zero and not run.resuming:
             tracking.log_params(logger, {**tracking.flatten(cfg), **choices, "seed": cfg.seed})
             config_path = output_dir / "config.yaml"
             config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -135,18 +149,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
             landmarks=bool(cfg.model.landmarks),
         )
         dm.setup("fit")  # reading, checks and caches run here, before the trainer starts
-        for path in dm.write_artifacts(output_dir / "data"):
+        for path in dm.write_artifacts(output_dir / "data") if run.rank_zero else []:
             tracking.log_artifact(logger, path, "data")
         tracking.set_tags(logger, {"data_fingerprint": data_fingerprint(dm), "data_root": dm.root})
         if dm.check_report is not None:
             log.info("data checks:\n%s", dm.check_report.to_text(max_rows=10))
         module = build_module(cfg, dm)
         checkpoint, callbacks = build_callbacks(cfg, output_dir / "checkpoints")
+        collector = SampleCollector()  # per-sample outputs of the val/test stages, for the report's figures
+        callbacks.append(collector)
+        callbacks += run.callbacks(output_dir / "checkpoints")  # last.ckpt, epoch reseeding, SLURM preemption
         trainer: pl.Trainer = instantiate(
             cfg.trainer, logger=logger if logger is not None else False, callbacks=callbacks,
-            default_root_dir=str(output_dir),
+            default_root_dir=str(output_dir), **run.trainer_kwargs(),
         )  # fmt: skip
-        trainer.fit(module, datamodule=dm)
+        trainer.fit(module, datamodule=dm, ckpt_path=run.ckpt_path, weights_only=False)
         results = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         best = checkpoint.best_model_path or checkpoint.last_model_path
         if "test" in dm.datasets:
@@ -154,11 +171,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
         results["best_checkpoint"] = best
         if trainer.is_global_zero:
-            _report(cfg, logger, module, dm, results, output_dir, choices, best)
-    except BaseException:
-        tracking.end_run(logger, "FAILED")
+            _report(cfg, logger, module, dm, results, output_dir, choices, best, collector)
+    except BaseException as err:
+        run.close(logger, err)  # FAILED, or KILLED when SLURM requeued the job
         raise
-    tracking.end_run(logger, "FINISHED")
+    run.close(logger, None)
     return results
 
 
@@ -171,28 +188,25 @@ def _report(
     output_dir: Path,
     choices: dict[str, str],
     best: str,
+    collector: SampleCollector,
 ) -> None:
-    """Artifacts (confusion matrix, baseline table) and the closing printout."""
+    """Artifacts (figures, tables beside the AffectNet baselines, bias table) and the closing printout."""
     tracking.set_tags(logger, {"best_checkpoint": best})
     stage = "test" if any(k.startswith("test/") for k in results) else "val"
-    numeric = {k: v for k, v in results.items() if isinstance(v, float)}
-    table = comparison_table(numeric, sampling=choices.get("sampling", "none"), loss=cfg.loss.name, prefix=f"{stage}/")
-    (output_dir / "baseline_comparison.md").write_text(to_markdown(table))
-    tracking.log_artifact(logger, output_dir / "baseline_comparison.md")
-    preds = getattr(module, "eval_predictions", {}).get(stage)
-    if preds is not None:
-        probs, target = preds
-        cm = confusion_matrix(probs, target, len(dm.class_names))
-        path = plot_confusion_matrix(cm, dm.class_names, output_dir / f"confusion_matrix_{stage}.png",
-                                     title=f"{stage}: {cfg.run_name or default_run_name(choices)}")  # fmt: skip
-        tracking.log_artifact(logger, path)
-    lines = [
-        "",
-        f"{stage} metrics of this run beside the AffectNet paper's baseline (AlexNet, 8 classes; synthetic data "
-        "is not AffectNet, so the comparison shows the scale, not a like-for-like result):",
-        format_table(table),
-        f"best checkpoint: {best}",
-    ]
+    lines = [""]
+    samples = collector.samples.get(stage)
+    if samples is not None:
+        # the same figure/table set as fer-eval (fer_lightning/eval_artifacts.py)
+        numeric = {k: v for k, v in results.items() if isinstance(v, float)}
+        report = write_eval_artifacts(
+            samples, numeric, class_names=dm.class_names, folder=output_dir, stage=stage,
+            records=split_records(dm.records, stage), sampling=choices.get("sampling", "none"), loss=str(cfg.loss.name),
+            title=cfg.run_name or default_run_name(choices),
+        )  # fmt: skip
+        for path in report.paths:
+            tracking.log_artifact(logger, path)
+        lines.append(report.summary)
+    lines.append(f"best checkpoint: {best}")
     if logger is not None:
         uri = str(cfg.logger.tracking_uri)
         lines.append(f"MLflow run {logger.run_id} in experiment '{cfg.logger.experiment_name}' at {uri}")

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fer_lightning.data.checks import CheckReport, run_checks
 from fer_lightning.data.dataset import FERDataset
 from fer_lightning.data.records import SPLITS
+from fer_lightning.data.resumable import ResumableLoader
 from fer_lightning.data.sampling import EpochSampler
 from fer_lightning.data.transforms import build_train_transform
 from fer_lightning.taxonomy import Taxonomy
@@ -67,6 +68,8 @@ class FERDataModule(pl.LightningDataModule):
         self.check_report: CheckReport | None = None
         self.label_mapping: dict[str, str] = {}
         self.leaks: pd.DataFrame | None = None
+        # (path, reason) pairs a reader reports about its metadata files (e.g. VIA rows for missing images)
+        self.metadata_issues: list[tuple[str, str]] = []
         self.datasets: dict[str, FERDataset] = {}
         self.root: Path | None = None
 
@@ -101,8 +104,11 @@ class FERDataModule(pl.LightningDataModule):
         records = read_records(self.cfg["format"], self.root, **reader_opts)
         self.label_mapping = dict(records.attrs.get("label_mapping", {}))
         needs_split = bool(records.attrs.get("needs_split", False))
+        self.metadata_issues = [tuple(i) for i in records.attrs.get("metadata_issues", [])]
         records = self._subset_classes(records)
-        records = self._split(records, needs_split)
+        split_file = self.cfg.get("split_file")
+        if not split_file:
+            records = self._split(records, needs_split)
         records, self.check_report = run_checks(
             records,
             self.root,
@@ -111,6 +117,14 @@ class FERDataModule(pl.LightningDataModule):
             policy=str(self.cfg.get("checks", "error")),
             decode=str(self.cfg.get("checks_decode", "header")),
         )
+        if split_file:
+            # after the checks: a saved split lists the rows its run kept, so the same policy drops the same rows
+            records = self._load_split(records, split_file)
+        if self.cfg.get("fold"):
+            from fer_lightning.kfold import fold_records
+
+            # k-fold cross-validation (cv.folds, set by kfold.run_kfold): one fold of train+val is val
+            records = fold_records(records, **dict(self.cfg["fold"]))
         for split in ("train", "val"):
             if not (records["split"] == split).any():
                 raise DataConfigError(
@@ -140,14 +154,29 @@ class FERDataModule(pl.LightningDataModule):
         return records
 
     def _split(self, records: pd.DataFrame, needs_split: bool) -> pd.DataFrame:
-        from fer_lightning.data.splits import stratified_holdout, stratified_split
+        from fer_lightning.data.splits import SplitError, stratified_holdout, stratified_split
 
-        if needs_split:
-            fractions = dict(self.cfg.get("split_fractions") or {"train": 0.7, "val": 0.15, "test": 0.15})
-            return stratified_split(records, fractions=fractions, seed=self.seed)
-        if not (records["split"] == "val").any():
-            fraction = float(self.cfg.get("val_fraction", 0.1))
-            return stratified_holdout(records, fraction=fraction, seed=self.seed, source="train", target="val")
+        try:
+            if needs_split:
+                fractions = dict(self.cfg.get("split_fractions") or {"train": 0.7, "val": 0.15, "test": 0.15})
+                return stratified_split(records, fractions=fractions, seed=self.seed)
+            if not (records["split"] == "val").any():
+                fraction = float(self.cfg.get("val_fraction", 0.1))
+                return stratified_holdout(records, fraction=fraction, seed=self.seed, source="train", target="val")
+        except SplitError as err:
+            key = "data.split_fractions" if needs_split else "data.val_fraction"
+            raise DataConfigError(f"cannot split {self.root} ({key}, seed {self.seed}): {err}") from err
+        return records
+
+    def _load_split(self, records: pd.DataFrame, split_file: str) -> pd.DataFrame:
+        from fer_lightning.data.splits import SplitError, load_split
+
+        path = Path(os.path.expanduser(str(split_file)))
+        try:
+            records = load_split(records, path)
+        except SplitError as err:
+            raise DataConfigError(f"data.split_file={path}: {err}") from err
+        log.info("split read from %s: %s", path, records["split"].value_counts(sort=False).to_dict())
         return records
 
     def _check_leakage(self, records: pd.DataFrame) -> None:
@@ -211,8 +240,8 @@ class FERDataModule(pl.LightningDataModule):
         labels = self.datasets["train"].labels
         return [int((labels == i).sum()) for i in range(len(self.class_ids))]
 
-    def _loader(self, split: str, sampler=None, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
+    def _loader(self, split: str, sampler=None, shuffle: bool = False, loader_cls=DataLoader, **extra) -> DataLoader:
+        return loader_cls(
             self.datasets[split],
             batch_size=int(self.cfg["batch_size"]),
             sampler=sampler,
@@ -221,6 +250,7 @@ class FERDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             drop_last=False,
+            **extra,
         )
 
     def _world(self) -> tuple[int, int]:
@@ -233,7 +263,8 @@ class FERDataModule(pl.LightningDataModule):
         sampler = EpochSampler(
             self.datasets["train"].labels, self.sampling, seed=self.seed, num_replicas=world, rank=rank
         )
-        return self._loader("train", sampler=sampler)
+        # resumable mid-epoch: Lightning checkpoints its position and RNG states (data/resumable.py)
+        return self._loader("train", sampler=sampler, loader_cls=ResumableLoader, seed=self.seed)
 
     def _eval_loader(self, split: str) -> DataLoader:
         world, rank = self._world()
@@ -279,8 +310,16 @@ class FERDataModule(pl.LightningDataModule):
         out.append(info_path)
         if self.check_report is not None:
             report_path = folder / "checks.txt"
-            report_path.write_text(self.check_report.to_text(max_rows=50))
+            text = self.check_report.to_text(max_rows=50)
+            if self.metadata_issues:
+                text += f"\nreader metadata issues: {len(self.metadata_issues)} (all in metadata_issues.csv)\n"
+                text += "\n".join(f"  {path}: {reason}" for path, reason in self.metadata_issues[:50])
+            report_path.write_text(text)
             out.append(report_path)
+        if self.metadata_issues:
+            issues_path = folder / "metadata_issues.csv"
+            pd.DataFrame(self.metadata_issues, columns=["path", "reason"]).to_csv(issues_path, index=False)
+            out.append(issues_path)
         if self.leaks is not None and len(self.leaks):
             leak_path = folder / "leakage.csv"
             self.leaks.to_csv(leak_path, index=False)

@@ -129,7 +129,7 @@ _CLASS_DELTAS: dict[int, dict[str, float]] = {
         "mouth_curve": -0.2,
         "nose_wrinkle": 0.3,
     },
-    7: {"mouth_asym": 0.8, "mouth_curve": 0.1, "eye_open": -0.15, "lip_press": 0.3},
+    7: {"mouth_asym": 1.0, "mouth_curve": 0.1, "eye_open": -0.15, "lip_press": 0.3},
 }
 
 
@@ -163,13 +163,14 @@ def class_counts(n_train: int) -> dict[int, int]:
     counts = {c: MIN_PER_CLASS for c in AFFECTNET_TRAIN_COUNTS}
     # The floor is given out first; the rest follows AffectNet's proportions by largest remainder.
     rest = n_train - MIN_PER_CLASS * NUM_CLASSES
-    quotas = {c: rest * n / total for c, n in AFFECTNET_TRAIN_COUNTS.items()}
-    for c, q in quotas.items():
-        counts[c] += math.floor(q)
+    # Integer arithmetic: quota = rest * n / total exactly, as whole part and remainder.
+    remainders = {}
+    for c, n in AFFECTNET_TRAIN_COUNTS.items():
+        whole, remainders[c] = divmod(rest * n, total)
+        counts[c] += whole
     left = n_train - sum(counts.values())
     # Ties broken by class id so the result is deterministic.
-    by_remainder = sorted(quotas, key=lambda c: (-(quotas[c] - math.floor(quotas[c])), c))
-    for c in by_remainder[:left]:
+    for c in sorted(remainders, key=lambda c: (-remainders[c], c))[:left]:
         counts[c] += 1
     return counts
 
@@ -282,7 +283,7 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
     th_up = 0.05 * max(1.0 - 0.7 * g["lip_press"], 0.25)
     th_low = 0.065 * max(1.0 - 0.7 * g["lip_press"], 0.25)
     curve = 0.2 * g["mouth_curve"]
-    asym = 0.18 * max(g["mouth_asym"], 0.0)
+    asym = 0.22 * max(g["mouth_asym"], 0.0)
     ulr = 0.06 * max(g["upper_lip_raise"], 0.0)
 
     def line(x: np.ndarray) -> np.ndarray:
@@ -321,6 +322,7 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
         "nose_y": nose_y,
         "mouth_y": mouth_y,
         "mouth_w": mouth_w,
+        "asym_side": asym_side,
     }
     return pts, extra
 
@@ -440,11 +442,17 @@ def _draw_face(draw: ImageDraw.ImageDraw, rng: np.random.Generator, f: _Frame, p
     if g["brow_squeeze"] > 0.35:
         for side in (-0.05, 0.05):
             draw.line(f(np.array([[side, ex["brow_y"] - 0.05], [side, ex["brow_y"] + 0.1]])), fill=dark, width=line_w)
-    if g["folds"] > 0.25 or g["nose_wrinkle"] > 0.4:
-        for a, b in ((31, 48), (35, 54)):
+    sides = ((31, 48), (35, 54))
+    if g["folds"] <= 0.25 and g["nose_wrinkle"] <= 0.4 and g["mouth_asym"] > 0.4:
+        # A one-sided smirk creases only the raised side.
+        sides = sides[1:] if ex["asym_side"] > 0 else sides[:1]
+    if g["folds"] > 0.25 or g["nose_wrinkle"] > 0.4 or g["mouth_asym"] > 0.4:
+        for a, b in sides:
             start = pts[a] + np.array([np.sign(pts[a][0]) * 0.05, -0.03])
             end = pts[b] + np.array([np.sign(pts[b][0]) * 0.08, 0.02])
-            draw.line(f(np.stack([start, (start + end) / 2 + [np.sign(pts[a][0]) * 0.06, 0], end])), fill=dark, width=line_w)
+            draw.line(
+                f(np.stack([start, (start + end) / 2 + [np.sign(pts[a][0]) * 0.06, 0], end])), fill=dark, width=line_w
+            )
 
     # Eyes: sclera, iris, lid line.
     sclera = _shade((235, 232, 225), rng.uniform(0.85, 1.0))
@@ -507,19 +515,13 @@ def _draw_occluders(draw: ImageDraw.ImageDraw, rng: np.random.Generator, f: _Fra
         draw.polygon(f(corners), fill=colour)
 
 
-def render_sample(seed: int, split: str, index: int, label: int, size: int, label_noise: float) -> dict:
-    """Draw one sample; returns the image (uint8 HxWx3), VA, landmarks and the true (drawn) class."""
+def render_sample(seed: int, split: str, index: int, true_cls: int, size: int) -> dict:
+    """Draw one face showing `true_cls`; returns the image (uint8 HxWx3), VA, landmarks and JPEG quality."""
     rng = np.random.default_rng([seed, _SPLIT_CODE[split], index])
-    true_cls = label
-    noisy = split == "train" and rng.random() < label_noise
-    if noisy:
-        # The written label is fixed (so class counts stay exact); the face shows another class.
-        true_cls = int(rng.choice([c for c in range(NUM_CLASSES) if c != label]))
     valence, arousal = sample_va(rng, true_cls)
     p = _expression_vector(rng, true_cls, valence, arousal)
     pts, ex = _face_geometry(rng, p)
     frame = _place(rng, pts, size)
-    big = size * _SS
     img = _background(rng, size)
     draw = ImageDraw.Draw(img)
     _draw_face(draw, rng, frame, pts, ex)
@@ -546,8 +548,6 @@ def render_sample(seed: int, split: str, index: int, label: int, size: int, labe
         "valence": valence,
         "arousal": arousal,
         "landmarks": landmarks.astype(np.float32),
-        "true_class": true_cls,
-        "noisy": noisy,
         "quality": int(rng.integers(75, 96)),
     }
 
@@ -568,9 +568,9 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         fh.write(_npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape) + arr.tobytes(order="C"))
 
 
-def _write_one(task: tuple) -> tuple[str, int, int, int]:
-    out, split, file_id, index, label, seed, size, label_noise = task
-    s = render_sample(seed, split, index, label, size, label_noise)
+def _write_one(task: tuple) -> None:
+    out, split, file_id, index, true_cls, label, seed, size = task
+    s = render_sample(seed, split, index, true_cls, size)
     root = Path(out) / SPLIT_DIRS[split]
     Image.fromarray(s["image"], "RGB").save(root / "images" / f"{file_id}.jpg", quality=s["quality"])
     ann = root / "annotations"
@@ -578,14 +578,27 @@ def _write_one(task: tuple) -> tuple[str, int, int, int]:
     _save_npy(ann / f"{file_id}_val.npy", np.array(s["valence"], dtype=np.float32))
     _save_npy(ann / f"{file_id}_aro.npy", np.array(s["arousal"], dtype=np.float32))
     _save_npy(ann / f"{file_id}_lnd.npy", s["landmarks"].reshape(-1))
-    return split, file_id, label, s["true_class"]
 
 
-def _labels(counts: dict[int, int], seed: int, split: str) -> list[int]:
-    labels = np.repeat(np.arange(NUM_CLASSES), [counts[c] for c in range(NUM_CLASSES)])
-    # Shuffled so file ids carry no class information.
-    np.random.default_rng([seed, _SPLIT_CODE[split], 2**40]).shuffle(labels)
-    return [int(x) for x in labels]
+def label_plan(counts: dict[int, int], seed: int, split: str, label_noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per index: the class the face shows and the label written; both have exactly `counts` per class.
+
+    About `label_noise` of the samples get another class's label. The wrong labels are the noisy samples'
+    own labels passed round among them, so every class loses and gains about the same share (a uniform flip
+    would bury the rare classes under flips from the common ones) and the written counts stay exact.
+    """
+    true = np.repeat(np.arange(NUM_CLASSES), [counts.get(c, 0) for c in range(NUM_CLASSES)])
+    rng = np.random.default_rng([seed, _SPLIT_CODE[split], 2**40])
+    rng.shuffle(true)  # file ids carry no class information
+    labels = true.copy()
+    noisy = np.flatnonzero(rng.random(len(true)) < label_noise)
+    if len(noisy) > 1:
+        # Group the noisy samples by class and hand each the label of the sample `shift` places on;
+        # with shift = the largest group, no one keeps its own class unless one class is over half the pool.
+        order = noisy[np.lexsort((rng.random(len(noisy)), true[noisy]))]
+        shift = int(np.bincount(true[order]).max())
+        labels[order] = true[np.roll(order, -shift)]
+    return true, labels
 
 
 def generate_synthetic(
@@ -609,24 +622,25 @@ def generate_synthetic(
     counts = {"train": class_counts(n_train), "val": val_counts(n_val)}
     started = time.perf_counter()
     tasks = []
+    noisy = []
     file_id = 0
     for split in ("train", "val"):
         for sub in ("images", "annotations"):
             (out / SPLIT_DIRS[split] / sub).mkdir(parents=True, exist_ok=True)
-        for index, label in enumerate(_labels(counts[split], seed, split)):
+        # The val set stays clean: it measures the model, not the noise.
+        true, labels = label_plan(counts[split], seed, split, label_noise if split == "train" else 0.0)
+        for index, (t, lab) in enumerate(zip(true.tolist(), labels.tolist())):
             # Ids are unique across the splits, as in AffectNet.
-            tasks.append((str(out), split, file_id, index, label, seed, image_size, label_noise))
+            tasks.append((str(out), split, file_id, index, t, lab, seed, image_size))
+            if t != lab:
+                noisy.append({"split": split, "id": file_id, "label": lab, "true_class": t})
             file_id += 1
     if num_workers > 1:
         with multiprocessing.get_context("fork").Pool(num_workers) as pool:
-            results = pool.map(_write_one, tasks, chunksize=64)
+            pool.map(_write_one, tasks, chunksize=64)
     else:
-        results = [_write_one(t) for t in tasks]
-    noisy = [
-        {"split": split, "id": fid, "label": label, "true_class": true}
-        for split, fid, label, true in results
-        if label != true
-    ]
+        for t in tasks:
+            _write_one(t)
     meta = {
         "generator_version": GENERATOR_VERSION,
         "params": {

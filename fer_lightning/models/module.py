@@ -9,11 +9,14 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from fer_lightning.config import ConfigError
 from fer_lightning.data.transforms import normalize_on_device
 from fer_lightning.losses import ExpressionLoss, class_weights, landmark_loss, va_loss
 from fer_lightning.metrics import ExpressionMetricSuite, VAMetricSuite
+from fer_lightning.mixing import Mix, Mixer, mix_images, mix_targets, mixed_expression_loss
 from fer_lightning.models.backbones import build_backbone
 from fer_lightning.models.heads import MultiTaskHead
+from fer_lightning.tta import check_tta, tta_outputs
 
 # ImageNet statistics for 3 channels; their luminance mean for grayscale
 _MEAN = {3: (0.485, 0.456, 0.406), 1: (0.449,)}
@@ -41,6 +44,10 @@ class FERModule(pl.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         scheduler_interval: str = "step",
         preprocessing: Mapping[str, Any] | None = None,
+        mixing: Mapping[str, Any] | None = None,
+        tta: str = "none",
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -49,6 +56,12 @@ class FERModule(pl.LightningModule):
         self.num_classes = len(class_names)
         loss = dict(loss or {})
         self.loss_cfg = loss
+        self.mixer = Mixer.from_config(mixing)
+        if self.mixer is not None and landmarks:
+            raise ConfigError("model.mixup/model.cutmix cannot be combined with model.landmarks=true: a mixed image "
+                              "has no landmarks; set the alphas to 0 or model.landmarks=false")  # fmt: skip
+        # settable after loading (fer-eval / fer-predict eval.tta=...)
+        self.tta = check_tta(tta)
         bb = dict(backbone)
         self.backbone, feat_dim = build_backbone(
             bb.pop("name"), in_channels=channels, image_size=image_size, **bb
@@ -77,19 +90,35 @@ class FERModule(pl.LightningModule):
         # the train-stage running accuracy is the only per-step metric: cheap and kept on the device
         self.register_buffer("_train_correct", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_train_seen", torch.zeros((), dtype=torch.long), persistent=False)
+        # NHWC weights (and inputs, see forward): what cuDNN's fast mixed-precision convolutions want
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if compile:
+            # compiles __call__ in place: the state-dict keys (and so the checkpoints) stay those of the plain module
+            self.backbone.compile()
 
     # --------------------------------------------------------------- forward
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """uint8 or float (B,C,H,W) images -> dict of logits, va, landmarks."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # on uint8, before it is 4x larger
         x = normalize_on_device(images, self.mean, self.std) if images.dtype == torch.uint8 else images
         return self.head(self.backbone(x))
 
-    def losses(self, out: dict[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Each task's loss with missing targets masked (label -1, NaN valence/arousal/landmarks)."""
-        parts = {"expression": self.expression_loss(out["logits"], batch["expression"])}
+    def losses(
+        self, out: dict[str, torch.Tensor], batch: Mapping[str, torch.Tensor], mix: Mix | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each task's loss with missing targets masked (label -1, NaN valence/arousal/landmarks); `mix` mixes them."""
+        if mix is None:
+            parts = {"expression": self.expression_loss(out["logits"], batch["expression"])}
+        else:
+            parts = {"expression": mixed_expression_loss(self.expression_loss, out["logits"], batch["expression"], mix)}
         total = parts["expression"]
         if "va" in out:
             target = torch.stack([batch["valence"], batch["arousal"]], dim=1).to(out["va"].dtype)
+            if mix is not None:
+                target = mix_targets(target, mix)
             parts["va"] = va_loss(out["va"], target, kind=self.loss_cfg.get("va", "ccc"))
             total = total + float(self.loss_cfg.get("va_weight", 1.0)) * parts["va"]
         if "landmarks" in out and "landmarks" in batch:
@@ -100,10 +129,15 @@ class FERModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        out = self(batch["image"])
-        parts = self.losses(out, batch)
+        images = batch["image"]
+        mix = self.mixer.draw(images.shape[0], *images.shape[-2:], device=images.device) if self.mixer else None
+        if mix is not None:
+            images = mix_images(normalize_on_device(images, self.mean, self.std), mix)
+        out = self(images)
+        parts = self.losses(out, batch, mix)
         valid = batch["expression"] >= 0
-        self._train_correct += (out["logits"].argmax(1)[valid] == batch["expression"][valid]).sum()
+        # a mask product, not boolean indexing: indexing needs the count on the host, a device sync every step
+        self._train_correct += ((out["logits"].argmax(1) == batch["expression"]) & valid).sum()
         self._train_seen += valid.sum()
         bs = batch["image"].shape[0]
         for name, value in parts.items():
@@ -122,10 +156,12 @@ class FERModule(pl.LightningModule):
         out = self(batch["image"])
         parts = self.losses(out, batch)
         self.log(f"{stage}/loss", parts["total"], on_epoch=True, sync_dist=True, batch_size=batch["image"].shape[0])
-        self.metrics[stage].update(out["logits"].float().softmax(1), batch["expression"], batch["index"])
-        if self.va_metrics is not None and "va" in out:
+        # metrics on the test-time-augmented outputs (eval.tta); the loss stays that of the plain pass
+        pred = tta_outputs(self, batch["image"], self.tta, first=out)
+        self.metrics[stage].update(pred["probs"], batch["expression"], batch["index"])
+        if self.va_metrics is not None and "va" in pred:
             target = torch.stack([batch["valence"], batch["arousal"]], dim=1)
-            self.va_metrics[stage].update(out["va"].float(), target.float(), batch["index"])
+            self.va_metrics[stage].update(pred["va"], target.float(), batch["index"])
 
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -152,8 +188,7 @@ class FERModule(pl.LightningModule):
         self._eval_epoch_end("test")
 
     def predict_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        out = self(batch["image"])
-        return {"probs": out["logits"].softmax(1), **({"va": out["va"]} if "va" in out else {})}
+        return tta_outputs(self, batch["image"], self.tta)
 
     # ------------------------------------------------------------ optimizers
     def configure_optimizers(self) -> Any:

@@ -1,0 +1,93 @@
+"""fer-predict: Hydra entry point around fer_lightning.predict (thin on purpose)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fer_lightning.cli.errors import user_errors
+
+# absolute: a console script imports this module by name, and Hydra would read a relative path as package "conf"
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@contextlib.contextmanager
+def feature_user_errors() -> Iterator[None]:
+    """Like user_errors() for the checkpoint, prediction and export errors (exit 2 with one line)."""
+    from fer_lightning.checkpoints import CheckpointError
+    from fer_lightning.export import ExportError
+    from fer_lightning.face_detect import FaceDetectorError
+    from fer_lightning.predict import PredictInputError
+
+    try:
+        yield
+    except (CheckpointError, PredictInputError, FaceDetectorError, ExportError) as err:
+        if os.environ.get("FER_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def require(cfg: DictConfig, *keys: str) -> None:
+    """Stop with the missing key's name instead of OmegaConf's MissingMandatoryValue traceback."""
+    from fer_lightning.config import ConfigError
+
+    for key in keys:
+        if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):
+            raise ConfigError(f"{key} is required: e.g. fer-{cfg.task_name} {key}=...")
+
+
+def resolve_device(name: str) -> str:
+    """auto -> cuda when available, else cpu."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def run(cfg: DictConfig) -> Path:
+    """Load the checkpoint, predict every input file, write the CSV; returns its path."""
+    from fer_lightning.checkpoints import load_checkpoint
+    from fer_lightning.face_detect import DetectorSettings
+    from fer_lightning.predict import PredictSettings, collect_inputs, predict_files, summarize
+
+    require(cfg, "ckpt_path", "input")
+    paths = collect_inputs(str(cfg.input), recursive=bool(cfg.recursive))
+    module, hparams = load_checkpoint(cfg.ckpt_path)
+    settings = PredictSettings(
+        batch_size=int(cfg.batch_size),
+        tta=cfg.eval.tta,
+        detect_faces=bool(cfg.detect_faces),
+        detector=DetectorSettings(**OmegaConf.to_container(cfg.detector, resolve=True)),
+        device=resolve_device(str(cfg.device)),
+    )
+    table = predict_files(module, hparams, paths, settings)
+    output = Path(cfg.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(output, index=False, float_format="%.6f")
+    counts, problems = summarize(table)
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(f"wrote {len(table)} rows to {output}: {counts}", flush=True)
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+def _main(cfg: DictConfig) -> None:
+    with user_errors(), feature_user_errors():
+        run(cfg)
+
+
+def main() -> None:
+    _main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""last.ckpt, the point a crashed or preempted run resumes from, and per-epoch reseeding that makes resumes exact.
+
+LastCheckpoint writes <run dir>/checkpoints/last.ckpt at the end of every epoch (after validation, so the
+best-model bookkeeping of that epoch is in it), every `every_n_train_steps` optimizer steps and every
+`train_time_interval_s` seconds, and whenever asked (preemption). It writes to a temporary name and renames, so a
+kill in the middle of a save leaves the previous last.ckpt intact.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, Checkpoint
+from pytorch_lightning.trainer.states import TrainerFn
+
+from fer_lightning.config import ConfigError
+from fer_lightning.data.resumable import seed_epoch
+
+log = logging.getLogger(__name__)
+
+LAST_NAME = "last.ckpt"
+
+
+class LastCheckpoint(Checkpoint):
+    """Keeps `dirpath/last.ckpt` current: at epoch end, by steps, by wall time, and on request (`save`)."""
+
+    def __init__(
+        self, dirpath: str | Path, *, every_n_train_steps: int | None = None, train_time_interval_s: float | None = None
+    ) -> None:
+        if every_n_train_steps is not None and int(every_n_train_steps) < 1:
+            raise ConfigError(
+                f"callbacks.checkpoint.every_n_train_steps={every_n_train_steps!r} is invalid: allowed null or >= 1"
+            )
+        if train_time_interval_s is not None and float(train_time_interval_s) <= 0:
+            raise ConfigError(
+                f"callbacks.checkpoint.train_time_interval={train_time_interval_s!r} is invalid: allowed null or "
+                "a number of seconds > 0"
+            )
+        self.dirpath = Path(dirpath)
+        self.every_n_train_steps = int(every_n_train_steps) if every_n_train_steps else None
+        self.train_time_interval_s = float(train_time_interval_s) if train_time_interval_s else None
+        self._last_save = time.monotonic()
+        self._saved_step = -1
+
+    @property
+    def path(self) -> Path:
+        return self.dirpath / LAST_NAME
+
+    @property
+    def state_key(self) -> str:
+        return "LastCheckpoint"
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._last_save = time.monotonic()
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._skip(trainer) or trainer.global_step == self._saved_step:
+            return  # no optimizer step since the last save (gradient accumulation)
+        due = self.every_n_train_steps is not None and trainer.global_step % self.every_n_train_steps == 0
+        if self.train_time_interval_s is not None:
+            late = time.monotonic() - self._last_save >= self.train_time_interval_s
+            # every rank must take the same decision, or some would wait alone in the save's barrier
+            due = due or bool(trainer.strategy.broadcast(late, src=0))
+        if due:
+            self.save(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._skip(trainer) or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.save(trainer)
+
+    def save(self, trainer: pl.Trainer) -> Path:
+        """Write last.ckpt now (every rank must call this at the same point: it is a collective)."""
+        partial = self.path.with_name(LAST_NAME + ".partial")
+        trainer.save_checkpoint(partial)
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        self._last_save = time.monotonic()
+        self._saved_step = trainer.global_step
+        log.debug("wrote %s at epoch %d, step %d", self.path, trainer.current_epoch, trainer.global_step)
+        return self.path
+
+    @staticmethod
+    def _skip(trainer: pl.Trainer) -> bool:
+        return trainer.sanity_checking or bool(trainer.fast_dev_run)
+
+
+class EpochReseed(Callback):
+    """Reseeds every RNG at each training epoch's start from (seed, epoch).
+
+    An epoch's augmentation and dropout then depend only on the seed and the epoch number, not on what ran
+    before it (validation, a sanity check, a restart), so resuming from an epoch-end checkpoint reproduces the
+    uninterrupted run. Mid-epoch resumes restore the saved RNG states instead (data/resumable.py).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = int(seed)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        seed_epoch(self.seed, trainer.current_epoch)
