@@ -38,6 +38,9 @@ report: install ## leaderboard of MLflow runs (markdown, CSV, plot) beside the A
 explore: install ## data-exploration report (HTML + PNGs, MLflow run_type=explore): make explore ARGS='data=legend_csv data.root=...'
 	$(BIN)/fer-explore $(ARGS)
 
+bench: install ## speed vs the naive way, side by side (a few minutes): bench-results/latest.json + .md
+	$(BIN)/fer-bench $(ARGS)
+
 install-system: ## system packages for the tests: headless Chromium (renders the explore report); Debian/Ubuntu
 	@command -v chromium >/dev/null 2>&1 || { SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y --no-install-recommends chromium; }

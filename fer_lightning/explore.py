@@ -1,4 +1,4 @@
-"""explore(cfg): the data-exploration report of one data config (HTML + PNG figures), logged to MLflow as an explore run.
+"""explore(cfg): the data-exploration report of one data config (HTML + PNGs), logged to MLflow as an explore run.
 
 The analyses follow the AffectNet data-exploration notebook: sanity summary, class counts per split, valence and
 arousal statistics and histograms, the 2D histogram on the unit circle, per-class conditional heatmaps, image

@@ -1,7 +1,7 @@
 """last.ckpt, the point a crashed or preempted run resumes from, and per-epoch reseeding that makes resumes exact.
 
-LastCheckpoint writes <run dir>/checkpoints/last.ckpt at the end of every epoch (after validation, so the
-best-model bookkeeping of that epoch is in it), every `every_n_train_steps` optimizer steps and every
+LastCheckpoint writes <run dir>/checkpoints/last.ckpt at the end of every training epoch (after validation and
+the best-model checkpoint, so that epoch's bookkeeping is in it), every `every_n_train_steps` optimizer steps and every
 `train_time_interval_s` seconds, and whenever asked (preemption). It writes to a temporary name and renames, so a
 kill in the middle of a save leaves the previous last.ckpt intact.
 """
@@ -16,7 +16,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Checkpoint
-from pytorch_lightning.trainer.states import TrainerFn
 
 from fer_lightning.config import ConfigError
 from fer_lightning.data.resumable import seed_epoch
@@ -71,10 +70,11 @@ class LastCheckpoint(Checkpoint):
         if due:
             self.save(trainer)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._skip(trainer) or trainer.state.fn != TrainerFn.FITTING:
-            return
-        self.save(trainer)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # after the epoch's validation and after ModelCheckpoint (Lightning runs checkpoint callbacks last, in
+        # order), so the best-model bookkeeping of this epoch is in last.ckpt
+        if not self._skip(trainer):
+            self.save(trainer)
 
     def save(self, trainer: pl.Trainer) -> Path:
         """Write last.ckpt now (every rank must call this at the same point: it is a collective)."""

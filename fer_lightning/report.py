@@ -89,7 +89,7 @@ def fetch_runs(
     In experiment mode k-fold children (tag `cv.fold`; their parent carries the mean) and fer-eval runs (tag
     task=eval, unless `include_eval`) are left out.
     """
-    filters = [f"({filter_string})"] if filter_string else []
+    filters = [filter_string] if filter_string else []  # MLflow filters are AND-joined clauses, no parentheses
     if status:
         filters.append(f"attributes.status = '{status}'")
     if parent_run_id:

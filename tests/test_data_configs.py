@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
+
 import json
 from pathlib import Path
 
@@ -25,8 +28,9 @@ def test_data_config_defaults_and_missing_root(make_cfg, name):
     assert cfg.data.format == name and cfg.data.synthetic is None
     # `root: ???` merged onto the synthetic default's null stays null: the data module names the key
     assert cfg.data.root is None
-    # nothing inherited from the synthetic defaults that this format's reader would refuse
-    assert cfg.data.reader is None
+    # only options this format's reader takes (nothing inherited from the synthetic defaults)
+    reader = importlib.import_module(f"fer_lightning.formats.{name}").read
+    assert set(cfg.data.reader) <= set(inspect.signature(reader).parameters)
     assert (cfg.data.image_size, cfg.data.channels) == {"legend_csv": (96, 1)}.get(name, (48, 1))
     with pytest.raises(DataConfigError, match=r"data\.root"):
         train(cfg)

@@ -56,7 +56,7 @@ def _compose(tmp: Path, store: str, *overrides: str):
         return compose("explore", overrides=[*base, *overrides])
 
 
-AFFECTNET_OVERRIDES = ("data=affectnet_npy", "+data.reader.official_val_split=val", "data.classes=[neutral,happy,sad]",
+AFFECTNET_OVERRIDES = ("data=affectnet_npy", "data.reader.official_val_split=val", "data.classes=[neutral,happy,sad]",
                        "explore.image_sample=null")  # fmt: skip
 
 

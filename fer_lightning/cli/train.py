@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -15,7 +16,11 @@ from fer_lightning.sweep import job_errors
 log = logging.getLogger("fer_lightning")
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="train")
+# absolute, so the console script finds conf/ from any working directory
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     from fer_lightning.train import train
 

@@ -106,9 +106,7 @@ class FERDataModule(pl.LightningDataModule):
         needs_split = bool(records.attrs.get("needs_split", False))
         self.metadata_issues = [tuple(i) for i in records.attrs.get("metadata_issues", [])]
         records = self._subset_classes(records)
-        split_file = self.cfg.get("split_file")
-        if not split_file:
-            records = self._split(records, needs_split)
+        # checks before splitting: the split (made or loaded) only ever sees rows that passed them
         records, self.check_report = run_checks(
             records,
             self.root,
@@ -117,9 +115,8 @@ class FERDataModule(pl.LightningDataModule):
             policy=str(self.cfg.get("checks", "error")),
             decode=str(self.cfg.get("checks_decode", "header")),
         )
-        if split_file:
-            # after the checks: a saved split lists the rows its run kept, so the same policy drops the same rows
-            records = self._load_split(records, split_file)
+        split_file = self.cfg.get("split_file")
+        records = self._load_split(records, split_file) if split_file else self._split(records, needs_split)
         if self.cfg.get("fold"):
             from fer_lightning.kfold import fold_records
 
