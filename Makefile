@@ -63,5 +63,9 @@ ui: install ## MLflow UI on 127.0.0.1 over this project's store
 	@mkdir -p mlruns
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_DB) --default-artifact-root $(CURDIR)/mlruns/artifacts --host $(HOST) --port $(PORT)
 
+mlflow-server: install ## MLflow tracking server on 127.0.0.1:PORT (5000), SQLite + served artifacts in mlruns/; runs go there with MLFLOW_TRACKING_URI=http://127.0.0.1:5000
+	@mkdir -p mlruns/served-artifacts
+	$(BIN)/mlflow server --host $(HOST) --port $(PORT) --backend-store-uri $(MLFLOW_DB) --artifacts-destination $(CURDIR)/mlruns/served-artifacts
+
 clean: ## remove caches and outputs (keeps mlruns/ and .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache

@@ -15,12 +15,7 @@ from typing import Any
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from lightning_fabric.plugins.environments import (
-    KubeflowEnvironment,
-    LSFEnvironment,
-    SLURMEnvironment,
-    TorchElasticEnvironment,
-)
+from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
@@ -38,8 +33,8 @@ def is_rank_zero() -> bool:
 
 
 def cluster_starts_ranks() -> bool:
-    """True when an external launcher (SLURM's srun, torchrun, Kubeflow, LSF) started every rank of this job."""
-    detectors = (SLURMEnvironment, TorchElasticEnvironment, KubeflowEnvironment, LSFEnvironment)
+    """True when an external launcher (SLURM's srun, torchrun, LSF's jsrun) started every rank of this job."""
+    detectors = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment)
     return any(env.detect() for env in detectors)
 
 

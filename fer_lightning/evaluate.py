@@ -13,13 +13,14 @@ from hydra.utils import instantiate
 from mlflow import MlflowClient
 from mlflow.entities import Run
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_only
 
 from fer_lightning import tracking
 from fer_lightning.baselines import LOSS_CHOICES, SAMPLING_CHOICES
 from fer_lightning.checkpoints import CheckpointError, load_checkpoint
 from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import FERDataModule
-from fer_lightning.eval_artifacts import SampleCollector, split_records, write_eval_artifacts
+from fer_lightning.eval_artifacts import SampleCollector, StageSamples, split_records, write_eval_artifacts
 from fer_lightning.metrics import VA_KEYS
 from fer_lightning.taxonomy import FIRST_EXTRA_ID, Taxonomy
 from fer_lightning.tta import check_tta
@@ -27,8 +28,8 @@ from fer_lightning.tta import check_tta
 log = logging.getLogger(__name__)
 
 VA_CHOICES = ("auto", True, False)
-# the training run's tags copied onto its evaluation run, so reports can group evaluations the same way
-_COPIED_TAGS = ("sampling", "loss", "backbone", "augment", "experiment", "git_commit")
+# the training run's group choices (tags and params) copied onto its evaluation run, so reports group them alike
+_COPIED_KEYS = ("sampling", "loss", "backbone", "augment", "experiment", "git_commit")
 
 
 class EvaluationError(ConfigError):
@@ -176,11 +177,31 @@ def _logger(cfg: DictConfig, source: Run | None, ckpt_path: Path, data_name: str
     tags = {"task": "eval", "source_checkpoint": str(ckpt_path), "data": data_name, "eval.tta": str(cfg.eval.tta)}
     if source is not None:
         tags["source_run_id"] = source.info.run_id
-        tags.update({k: source.data.tags[k] for k in _COPIED_TAGS if k in source.data.tags})
+        tags.update({k: source.data.tags[k] for k in _COPIED_KEYS if k in source.data.tags})
     tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
     base = source.info.run_name if source is not None else ckpt_path.stem
     logger = tracking.make_logger(cfg.logger, run_name=cfg.get("run_name") or f"eval-{base}-{data_name}", tags=tags)
     return logger, prefix, None
+
+
+def _test(
+    cfg: DictConfig, module: Any, dm: FERDataModule, output_dir: Path, va_mode: str | bool
+) -> tuple[StageSamples, dict[str, float], list[str]]:
+    """Run the test stage (DDP-safe metric suites); (samples, test/* metrics, notes) with VA keys dropped if unused."""
+    dm.setup("test")
+    collector = SampleCollector()
+    trainer = instantiate(cfg.trainer, logger=False, callbacks=[collector], enable_checkpointing=False,
+                          default_root_dir=str(output_dir))  # fmt: skip
+    trainer.test(module, datamodule=dm, verbose=False)
+    samples = collector.samples["test"]
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+    has_va_head = module.va_metrics is not None
+    notes = []
+    if not (has_va_head and va_mode is not False and samples.has_va):
+        metrics = {k: v for k, v in metrics.items() if k.removeprefix("test/") not in VA_KEYS}
+        if has_va_head and va_mode == "auto":
+            notes.append("valence/arousal metrics skipped: the test split has no valence/arousal values")
+    return samples, metrics, notes
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -192,47 +213,40 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     except CheckpointError as err:
         raise EvaluationError(f"ckpt_path: {err}") from err
     module.tta = check_tta(str(cfg.eval.tta))
-    has_va_head = module.va_metrics is not None
     client, source = _source_info(cfg, ckpt_path)
     dm = build_eval_datamodule(cfg, hparams, _seed(cfg, source))
     data_name = str(cfg.data.get("name") or cfg.data.format)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    logger, prefix, artifact_dir = (
-        (None, "test", None) if client is None else _logger(cfg, source, ckpt_path, data_name)
-    )
+    # under DDP every rank runs this function: the metrics are gathered on all, one rank writes and logs
+    is_zero = rank_zero_only.rank == 0
+    logger, prefix, artifact_dir = (None, "test", None)
+    if client is not None and is_zero:
+        logger, prefix, artifact_dir = _logger(cfg, source, ckpt_path, data_name)
     into = artifact_dir is not None
     try:
         if logger is not None and not into:
-            tracking.log_params(logger, {"ckpt_path": str(ckpt_path), **tracking.flatten(cfg.eval, "eval."),
-                                         **tracking.flatten(dm.cfg, "data."), "seed": dm.seed})  # fmt: skip
-        records = _load_test_records(dm, cfg, va_mode, has_va_head)
+            # the training run's group choices too, so fer-report groups evaluations like trainings
+            groups = {k: source.data.params[k] for k in _COPIED_KEYS if source and k in source.data.params}
+            tracking.log_params(logger, {"ckpt_path": str(ckpt_path), **groups, "data": data_name,
+                                         **tracking.flatten(cfg.eval, "eval."), **tracking.flatten(dm.cfg, "data."),
+                                         "seed": dm.seed})  # fmt: skip
+        records = _load_test_records(dm, cfg, va_mode, module.va_metrics is not None)
         if source is not None and logger is not None and not into:
             from fer_lightning.train import data_fingerprint
 
             # the same data as the training run when the split table hashes the same (data_fingerprint in train.py)
             same = data_fingerprint(SimpleNamespace(records=records)) == source.data.tags.get("data_fingerprint")
             tracking.set_tags(logger, {"same_data_as_training": str(same).lower()})
-        dm.setup("test")
-        collector = SampleCollector()
-        trainer = instantiate(cfg.trainer, logger=False, callbacks=[collector], enable_checkpointing=False,
-                              default_root_dir=str(output_dir))  # fmt: skip
-        trainer.test(module, datamodule=dm, verbose=False)
-        samples = collector.samples["test"]
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        use_va = has_va_head and va_mode is not False and samples.has_va
-        notes = []
-        if not use_va:
-            metrics = {k: v for k, v in metrics.items() if k.removeprefix("test/") not in VA_KEYS}
-            if has_va_head and va_mode == "auto":
-                notes.append("valence/arousal metrics skipped: the test split has no valence/arousal values")
-        report = write_eval_artifacts(
-            samples, metrics, class_names=hparams["class_names"], folder=output_dir, stage="test",
-            records=split_records(records, "test"),
-            sampling=_choice(source, "sampling", SAMPLING_CHOICES, "none"),
-            loss=_choice(source, "loss", LOSS_CHOICES, str((hparams.get("loss") or {}).get("name", "ce"))),
-            title=f"{ckpt_path.name} on {data_name}", va=use_va,
-        )  # fmt: skip
+        samples, metrics, notes = _test(cfg, module, dm, output_dir, va_mode)
+        if is_zero:
+            report = write_eval_artifacts(
+                samples, metrics, class_names=hparams["class_names"], folder=output_dir, stage="test",
+                records=split_records(records, "test"),
+                sampling=_choice(source, "sampling", SAMPLING_CHOICES, "none"),
+                loss=_choice(source, "loss", LOSS_CHOICES, str((hparams.get("loss") or {}).get("name", "ce"))),
+                title=f"{ckpt_path.name} on {data_name}", va=any(k.endswith(VA_KEYS) for k in metrics),
+            )  # fmt: skip
         if logger is not None:
             logger.log_metrics({f"{prefix}/{k.removeprefix('test/')}": v for k, v in metrics.items()}, step=0)
             for path in report.paths:
@@ -243,7 +257,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise
     if not into:
         tracking.end_run(logger, "FINISHED")
-    _print_summary(cfg, report.summary, notes, logger, source, into, prefix)
+    if is_zero:
+        _print_summary(cfg, report.summary, notes, logger, source, into, prefix)
     return metrics
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig, open_dict
 
-from fer_lightning import tracking
+from fer_lightning import sweep, tracking
 from fer_lightning.baselines import format_table, to_markdown
 from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import DataConfigError
@@ -103,11 +103,12 @@ def run_kfold(cfg: DictConfig) -> dict[str, float]:
 
     folds = _validate(cfg)
     choices = group_choices(cfg)
-    name = cfg.run_name or default_run_name(choices)
+    name = cfg.run_name or sweep.job_run_name() or default_run_name(choices)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tags = {**{f"group.{k}": v for k, v in choices.items()}, **choices, "cv.folds": str(folds),
             "git_commit": tracking.git_commit(Path(cfg.paths.root_dir))}  # fmt: skip
+    tags.update(sweep.job_tags())  # in a multirun the fold set's run is a child of the sweep's run
     tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
     parent = tracking.make_logger(cfg.logger, run_name=f"{name}-cv{folds}", tags=tags)
     try:

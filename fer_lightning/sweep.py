@@ -296,7 +296,13 @@ class MLflowSweepCallback(Callback):
         self._closed = True
         records = _read_records(Path(self.sweep_dir))
         logger = self._parent_logger()
-        children = self._children(logger) if logger is not None else {}
+        children: dict[int, Any] = {}
+        if logger is not None:
+            try:
+                children = self._children(logger)
+            except Exception as err:  # the summary from the job records is still worth writing
+                log.error("sweep %s: cannot list the child runs (%s); summarizing the job records only",
+                          self.sweep_id, err)  # fmt: skip
         rows = self._rows(records, children, logger)
         keys = varied_keys([r.overrides for r in rows])
         failed = [r for r in rows if r.status != "FINISHED"]
@@ -310,22 +316,49 @@ class MLflowSweepCallback(Callback):
         (out / "sweep_summary.md").write_text(f"# {head}\n\n`{' '.join(self.definition)}`\n\n{markdown}")
         (out / "sweep_summary.csv").write_text(table_csv)
         print(f"\n{head}\n{markdown}summary: {out / 'sweep_summary.md'}", file=sys.stdout, flush=True)
-        if logger is None:
-            return
+        if logger is not None:
+            try:
+                self._close_parent(logger, rows, head, markdown, interrupted=interrupted)
+            except Exception as err:
+                log.error("sweep %s: could not write the summary to parent run %s (%s); it is in %s", self.sweep_id,
+                          self.parent_run_id, err, out)  # fmt: skip
+
+    def _close_parent(
+        self, logger: Any, rows: list[SummaryRow], head: str, markdown: str, *, interrupted: bool
+    ) -> None:
         from fer_lightning import tracking
 
+        out = Path(str(self.sweep_dir))
         for name in ("sweep_summary.md", "sweep_summary.csv", "multirun.yaml"):
             if (out / name).exists():
                 tracking.log_artifact(logger, out / name)
-        tags = {"sweep.jobs": len(rows), "sweep.failed": len(failed), "mlflow.note.content": f"{head}\n\n{markdown}"}
-        finished = [r for r in rows if r.status == "FINISHED" and r.metrics.get(self.metrics[0]) is not None]
-        if finished and self.metrics:
-            best = max(finished, key=lambda r: r.metrics[self.metrics[0]])
-            tags.update({"sweep.best_run_id": best.run_id, "sweep.best": f"{best.run_name} ({self.metrics[0]}="
-                                                                           f"{best.metrics[self.metrics[0]]:.4f})"})  # fmt: skip
+        for path in self._leaderboard(logger, out / "report"):
+            tracking.log_artifact(logger, path, "report")
+        failed = sum(r.status != "FINISHED" for r in rows)
+        tags = {"sweep.jobs": len(rows), "sweep.failed": failed, "mlflow.note.content": f"{head}\n\n{markdown}"}
+        key = self.metrics[0] if self.metrics else None
+        finished = [r for r in rows if r.status == "FINISHED" and key and r.metrics.get(key) is not None]
+        if finished:
+            best = max(finished, key=lambda r: r.metrics[key])
+            tags.update(
+                {"sweep.best_run_id": best.run_id, "sweep.best": f"{best.run_name} ({key}={best.metrics[key]:.4f})"}
+            )
         tracking.set_tags(logger, tags)
-        status = "KILLED" if interrupted else parent_status([r.status for r in rows])
-        tracking.end_run(logger, status)
+        tracking.end_run(logger, "KILLED" if interrupted else parent_status([r.status for r in rows]))
+
+    def _leaderboard(self, logger: Any, folder: Path) -> list[Path]:
+        """fer-report's leaderboard of the finished children (seeds folded into mean +/- std, paper rows beside)."""
+        from fer_lightning.report import ReportError, build_report, fetch_runs
+
+        try:
+            runs = fetch_runs(logger.experiment, parent_run_id=self.parent_run_id)
+            if not len(runs):
+                return []
+            source = f"the children of sweep {self.sweep_id} (run {self.parent_run_id})"
+            return build_report(runs, metrics=self.metrics, folder=folder, source=source).paths
+        except ReportError as err:  # e.g. no finished child logged these metrics: the summary table says why
+            log.info("sweep %s: no leaderboard (%s)", self.sweep_id, err)
+            return []
 
     def _parent_logger(self) -> Any:
         if self._logger_cfg is None or self.parent_run_id is None:
@@ -365,9 +398,12 @@ class MLflowSweepCallback(Callback):
             if status == "RUNNING" and rec.get("status") != "COMPLETED":
                 # the job is over (the launcher returned) but its run was never closed: it died hard
                 error = error or "the job ended without closing its run (killed or crashed)"
-                logger.experiment.set_tag(run.info.run_id, "sweep.error", error)
-                logger.experiment.set_terminated(run.info.run_id, "FAILED")
                 status = "FAILED"
+                try:
+                    logger.experiment.set_tag(run.info.run_id, "sweep.error", error)
+                    logger.experiment.set_terminated(run.info.run_id, "FAILED")
+                except Exception as err:
+                    log.warning("could not mark run %s FAILED: %s", run.info.run_id, err)
             error = error or run.data.tags.get("sweep.error", "")
             metrics = {k: run.data.metrics.get(k) for k in self.metrics}
             rows.append(SummaryRow(num, run.info.run_name or "", status, dict(map(parse_override, overrides)), metrics,

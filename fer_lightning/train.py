@@ -127,8 +127,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
     output_dir.mkdir(parents=True, exist_ok=True)
     root_dir = Path(cfg.paths.root_dir)
     tags = {**{f"group.{k}": v for k, v in choices.items()}, **choices, "git_commit": tracking.git_commit(root_dir)}
-    tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
     tags.update(sweep.job_tags())  # in a multirun: parent run, sweep id, job number, seed
+    # explicit tags win: a k-fold child names its own parent (the fold set's run, itself a child of the sweep)
+    tags.update({str(k): str(v) for k, v in (cfg.get("tags") or {}).items()})
     # the logger (and its run) exists before seeding and before data loading, so any failure is recorded
     run_name = cfg.run_name or sweep.job_run_name() or default_run_name(choices)
     logger = tracking.make_logger(cfg.logger, run_name=run_name, tags=tags, run_id=run.run_id)

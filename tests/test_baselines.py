@@ -153,3 +153,20 @@ def test_to_markdown_exact():
     assert to_markdown(df, digits=2) == (
         "| metric | run | name |\n| --- | ---: | --- |\n| x | 0.50 | a\\|b |\n| y |  | c |"
     )
+
+
+def test_baseline_rows_in_our_metric_names():
+    from fer_lightning.baselines import baseline_rows, paper_metric
+
+    assert paper_metric("val/kappa_norm") == ("kappa", "norm") and paper_metric("f1_macro") == ("f1", "orig")
+    assert paper_metric("test/ccc_valence") is None
+    rows = baseline_rows(["test/accuracy", "test/f1_macro_norm", "test/rmse_valence", "test/ccc_valence"])
+    assert len(rows) == 7
+    assert rows.loc["AffectNet paper: AlexNet CNN, Weighted-Loss", "test/f1_macro_norm"] == 0.62
+    assert rows.loc["AffectNet paper: SVM", "test/accuracy"] == 0.60
+    assert rows.loc["AffectNet paper: AlexNet CNN, valence/arousal regression", "test/rmse_valence"] == 0.37
+    assert rows["test/ccc_valence"].isna().all() and pd.isna(rows.loc["AffectNet paper: SVM", "test/rmse_valence"])
+    # rows that publish none of the metrics are left out
+    assert list(baseline_rows(["test/rmse_arousal"]).index) == [
+        "AffectNet paper: AlexNet CNN, valence/arousal regression"
+    ]

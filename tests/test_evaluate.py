@@ -67,6 +67,7 @@ def test_eval_reproduces_the_training_runs_test_metrics(trained):
     assert run.data.tags["source_run_id"] == trained.run.info.run_id
     assert run.data.tags["same_data_as_training"] == "true"
     assert run.data.tags["loss"] == "ce" and run.data.params["ckpt_path"] == str(Path(trained.ckpt).resolve())
+    assert (run.data.params["loss"], run.data.params["data"]) == ("ce", "synthetic")  # fer-report groups by these
     assert run.info.status == "FINISHED"
     assert all(_same(run.data.metrics[k], v) for k, v in metrics.items())
     names = {a.path for a in trained.client.list_artifacts(run.info.run_id)}

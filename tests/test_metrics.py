@@ -440,3 +440,33 @@ def test_group_metrics_hand_values():
 def test_group_metrics_rejects_length_mismatch():
     with pytest.raises(ValueError, match="equal length"):
         group_metrics(np.array([0, 1]), np.array([0, 1]), pd.DataFrame({"group_age": ["a"]}))
+
+
+def test_macro_precision_orig_and_norm_match_sklearn(imbalanced):
+    from sklearn.metrics import precision_score
+
+    probs, target = imbalanced
+    pred = probs.argmax(1)
+    m = expression_metrics(probs, target)
+    assert m["precision_macro"] == pytest.approx(precision_score(target, pred, average="macro", zero_division=0))
+    w = _independent_weights(target)
+    expected = precision_score(target, pred, average="macro", sample_weight=w, zero_division=0)
+    assert m["precision_macro_norm"] == pytest.approx(expected)
+    assert m["precision_macro_norm"] != pytest.approx(m["precision_macro"])
+
+
+def test_suite_samples_with_index_dedup_and_sorted():
+    suite = ExpressionMetricSuite(3)
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.7, 0.2, 0.1]])
+    # rows 5 and 2, then row 5 again (a DDP pad) and an unlabelled row 9
+    suite.update(probs[:2], torch.tensor([0, 1]), torch.tensor([5, 2]))
+    suite.update(probs[2:], torch.tensor([-1, 0]), torch.tensor([9, 5]))
+    p, t, i = suite.samples(with_index=True)
+    assert i.tolist() == [2, 5] and t.tolist() == [1, 0]
+    assert np.allclose(p, probs[[1, 0]].numpy())
+    assert len(suite.samples()) == 2
+    va = VAMetricSuite()
+    va.update(torch.tensor([[0.1, 0.2], [0.3, 0.4]]), torch.tensor([[0.5, float("nan")], [0.0, 0.1]]),
+              torch.tensor([7, 3]))  # fmt: skip
+    vp, vt, vi = va.samples()
+    assert vi.tolist() == [3, 7] and np.allclose(vp, [[0.3, 0.4], [0.1, 0.2]]) and np.isnan(vt[1, 1])

@@ -284,10 +284,28 @@ def test_cli_writes_the_csv_and_lists_problems_on_stderr(rgb_ckpt, tmp_path):
     assert sum(ok[f"prob_{n}"] for n in hp["class_names"]) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_cli_bad_checkpoint_is_one_line_exit_2(tmp_path):
+def _predict_cfg(*overrides: str):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("predict", overrides=list(overrides))
+
+
+def test_bad_checkpoint_and_missing_keys_are_one_line_exit_2(tmp_path, capsys):
+    from fer_lightning.cli.errors import user_errors
+    from fer_lightning.cli.predict import feature_user_errors, run
+
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 definitely not a zip")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
-    res = _cli([f"ckpt_path={tmp_path / 'broken.ckpt'}", f"input={tmp_path / 'x.png'}"], tmp_path)
-    assert res.returncode == 2
-    assert res.stderr.strip().startswith("error: checkpoint") and "broken.ckpt" in res.stderr
-    assert "Traceback" not in res.stderr
+    os.environ.pop("FER_DEBUG", None)
+    cases = [
+        ([f"ckpt_path={tmp_path / 'broken.ckpt'}", f"input={tmp_path / 'x.png'}"], "broken.ckpt is corrupt"),
+        ([f"input={tmp_path / 'x.png'}"], "ckpt_path is required"),
+        ([f"ckpt_path={tmp_path / 'broken.ckpt'}", f"input={tmp_path / 'none' / '*.png'}"], "matches no files"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(SystemExit) as exc, user_errors(), feature_user_errors():
+            run(_predict_cfg(*overrides))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1

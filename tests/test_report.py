@@ -133,6 +133,7 @@ def test_report_errors_name_the_key(three_runs, tmp_path):
         report(_report_cfg(three_runs, tmp_path, "report.metrics=[test/not_a_metric]"))
 
 
+@pytest.mark.slow  # the same user_errors() path as fer-eval's CLI test, which runs by default
 def test_cli_unknown_experiment_is_one_line(three_runs, tmp_path):
     env = {**os.environ, "FER_ROOT": str(tmp_path)}
     env.pop("MLFLOW_TRACKING_URI", None)

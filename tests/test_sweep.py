@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
@@ -77,6 +78,13 @@ def test_failed_job_is_a_failed_child_and_the_sweep_goes_on(tmp_path, shared_cac
         assert float(rows[1][key]) == ok.data.metrics[key]
     assert rows[1]["run_id"] == ok.info.run_id
     assert (sweep_dir / "sweep_summary.md").read_text().count("FAILED") == 1
+    # fer-report's leaderboard of the finished children rides along
+    assert {"report/leaderboard.md", "report/leaderboard.csv"} <= {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")
+    }
+    board = list(csv.DictReader(io.StringIO((sweep_dir / "report" / "leaderboard.csv").read_text())))
+    (ours,) = [r for r in board if r["kind"] == "run"]
+    assert float(ours["val/f1_macro mean"]) == pytest.approx(ok.data.metrics["val/f1_macro"])
     assert "| 0 | data.val_fraction=0 | FAILED |" in parent.data.tags["mlflow.note.content"]
 
 
@@ -91,15 +99,16 @@ def test_four_parallel_jobs_on_one_sqlite_store_lose_nothing(tmp_path, shared_ca
     runs = list(children.values())
     assert max(r.info.start_time for r in runs) < min(r.info.end_time for r in runs), "the jobs did not overlap"
     sweep_dir = Path(parent.data.tags["sweep.dir"])
-    metric_keys = set(runs[0].data.metrics)
+    metric_keys, param_keys = set(runs[0].data.metrics), set(runs[0].data.params)
     for num, run in children.items():
         assert run.info.status == "FINISHED" and run.data.tags["seed"] == str(num + 1)
-        # every param the job meant to log arrived, with its value
+        # every param the job meant to log arrived, with its value (Lightning adds the module's hparams)
         job_cfg = OmegaConf.load(sweep_dir / str(num) / "config.yaml")
         choices = OmegaConf.load(sweep_dir / str(num) / ".hydra" / "hydra.yaml").hydra.runtime.choices
         expected = {k: str(v) for k, v in tracking.flatten(job_cfg).items()}
         expected.update({g: str(choices[g]) for g in ("data", "sampling", "loss", "backbone", "augment", "trainer")})
-        assert run.data.params == expected
+        assert {k: run.data.params.get(k) for k in expected} == expected
+        assert set(run.data.params) == param_keys and len(param_keys) > len(expected)
         # and every metric, with its whole history: 2 epochs x 3 train batches (log_every_n_steps=1)
         assert set(run.data.metrics) == metric_keys and "test/accuracy" in metric_keys
         val = client.get_metric_history(run.info.run_id, "val/f1_macro")
