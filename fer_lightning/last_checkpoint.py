@@ -60,8 +60,8 @@ class LastCheckpoint(Checkpoint):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._skip(trainer) or trainer.global_step == self._saved_step:
-            return  # no optimizer step since the last save (gradient accumulation)
+        if self._skip(trainer) or trainer.global_step == self._saved_step or validation_follows(trainer, batch_idx):
+            return
         due = self.every_n_train_steps is not None and trainer.global_step % self.every_n_train_steps == 0
         if self.train_time_interval_s is not None:
             late = time.monotonic() - self._last_save >= self.train_time_interval_s
@@ -90,6 +90,19 @@ class LastCheckpoint(Checkpoint):
     @staticmethod
     def _skip(trainer: pl.Trainer) -> bool:
         return trainer.sanity_checking or bool(trainer.fast_dev_run)
+
+
+def validation_follows(trainer: pl.Trainer, batch_idx: int) -> bool:
+    """True after an epoch's last batch or before a mid-epoch validation: no checkpoint may be taken there.
+
+    Lightning resumes a checkpoint taken at that point as if the validation after it had run (it is skipped,
+    and at an epoch's end so is the epoch's end), so such saves wait for the epoch end / the next batch.
+    """
+    done = batch_idx + 1
+    if done >= trainer.num_training_batches:
+        return True
+    every = getattr(trainer, "val_check_batch", None)
+    return isinstance(every, int) and every > 0 and done % every == 0
 
 
 class EpochReseed(Callback):

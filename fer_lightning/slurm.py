@@ -26,10 +26,10 @@ import pytorch_lightning as pl
 from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, Checkpoint
 
 from fer_lightning.config import ConfigError
-from fer_lightning.last_checkpoint import LastCheckpoint
+from fer_lightning.last_checkpoint import LastCheckpoint, validation_follows
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,11 @@ def in_submitit_slurm_job() -> bool:
     return os.environ.get("SUBMITIT_EXECUTOR") == "slurm"
 
 
-class RequeueOnPreemption(Callback):
-    """Defers submitit's pre-timeout/preemption handler to a training step boundary and checkpoints first."""
+class RequeueOnPreemption(Checkpoint):
+    """Defers submitit's pre-timeout/preemption handler to a training step boundary and checkpoints first.
+
+    A Checkpoint callback so that Lightning runs it after ModelCheckpoint and LastCheckpoint at an epoch's end.
+    """
 
     def __init__(self, last: LastCheckpoint) -> None:
         self.last = last
@@ -150,6 +153,13 @@ class RequeueOnPreemption(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if not validation_follows(trainer, batch_idx):  # else wait for the epoch end (see validation_follows)
+            self._requeue_if_requested(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requeue_if_requested(trainer)
+
+    def _requeue_if_requested(self, trainer: pl.Trainer) -> None:
         # every rank got the signal, but not at the same step: agree (any rank) before anyone saves
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return

@@ -140,15 +140,15 @@ def test_short_training_logs_to_a_real_tracking_server(server, make_cfg, tmp_pat
 
 
 class _KillWhenCheckpointed(threading.Thread):
-    """Kills the server (SIGKILL, like a crash) as soon as the run has written its first checkpoint."""
+    """Kills the server (SIGKILL, like a crash) once epoch 0 is validated (its best checkpoint exists)."""
 
-    def __init__(self, server: MlflowServer, ckpt: Path) -> None:
+    def __init__(self, server: MlflowServer, ckpt_dir: Path) -> None:
         super().__init__(daemon=True)
-        self.server, self.ckpt, self.stop_event, self.killed = server, ckpt, threading.Event(), False
+        self.server, self.ckpt_dir, self.stop_event, self.killed = server, ckpt_dir, threading.Event(), False
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            if self.ckpt.exists():
+            if any(self.ckpt_dir.glob("best-epoch*.ckpt")):
                 self.server.stop(signal.SIGKILL)
                 self.killed = True
                 return
@@ -160,7 +160,7 @@ def test_server_lost_mid_run_training_goes_on_and_the_spool_uploads(server, make
                    "logger.retry_timeout_s=2")  # fmt: skip
     client = MlflowClient(tracking_uri=server.uri)
     out = Path(cfg.paths.output_dir)
-    killer = _KillWhenCheckpointed(server, out / "checkpoints" / "last.ckpt")
+    killer = _KillWhenCheckpointed(server, out / "checkpoints")
     killer.start()
     try:
         results = train(cfg)  # must not raise although the server is gone from epoch 1 on

@@ -13,15 +13,24 @@ log = logging.getLogger("fer_lightning")
 
 def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the answer to the user (bad config, bad data, missing weights)."""
+    from fer_lightning.bench import BenchConfigError
+    from fer_lightning.checkpoints import CheckpointError
     from fer_lightning.config import ConfigError
     from fer_lightning.data.checks import DataCheckError
     from fer_lightning.data.datamodule import DataConfigError
     from fer_lightning.data.images import ImageDecodeError
+    from fer_lightning.data.leakage import LeakageError
+    from fer_lightning.data.splits import SplitError
+    from fer_lightning.export import ExportError
+    from fer_lightning.face_detect import FaceDetectorError
     from fer_lightning.formats.registry import DataFormatError
+    from fer_lightning.mlflow_spool import SpoolError
     from fer_lightning.models.backbones import WeightsMismatchError, WeightsNotFoundError
+    from fer_lightning.predict import PredictInputError
 
     return (ConfigError, DataCheckError, DataConfigError, DataFormatError, ImageDecodeError, WeightsNotFoundError,
-            WeightsMismatchError)  # fmt: skip
+            WeightsMismatchError, SplitError, LeakageError, CheckpointError, PredictInputError, FaceDetectorError,
+            ExportError, BenchConfigError, SpoolError)  # fmt: skip
 
 
 @contextlib.contextmanager
