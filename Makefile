@@ -38,6 +38,12 @@ report: install ## leaderboard of MLflow runs (markdown, CSV, plot) beside the A
 explore: install ## data-exploration report (HTML + PNGs, MLflow run_type=explore): make explore ARGS='data=legend_csv data.root=...'
 	$(BIN)/fer-explore $(ARGS)
 
+predict: install ## CSV of expressions + valence/arousal for images: make predict ARGS='ckpt_path=... input=photos/ detect_faces=true'
+	$(BIN)/fer-predict $(ARGS)
+
+export: install ## ONNX/TorchScript with normalization inside + parity check: make export ARGS='ckpt_path=... format=onnx'
+	$(BIN)/fer-export $(ARGS)
+
 bench: install ## speed vs the naive way, side by side (a few minutes): bench-results/latest.json + .md
 	$(BIN)/fer-bench $(ARGS)
 

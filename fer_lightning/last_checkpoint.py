@@ -72,7 +72,8 @@ class LastCheckpoint(Checkpoint):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # after the epoch's validation and after ModelCheckpoint (Lightning runs checkpoint callbacks last, in
-        # order), so the best-model bookkeeping of this epoch is in last.ckpt
+        # order), so the best-model bookkeeping of this epoch is in last.ckpt. (Lightning cannot resume a
+        # checkpoint taken at the next epoch's start, which would also hold the epoch's logged train metrics.)
         if not self._skip(trainer):
             self.save(trainer)
 

@@ -106,7 +106,7 @@ def in_submitit_slurm_job() -> bool:
 class RequeueOnPreemption(Checkpoint):
     """Defers submitit's pre-timeout/preemption handler to a training step boundary and checkpoints first.
 
-    A Checkpoint callback so that Lightning runs it after ModelCheckpoint and LastCheckpoint at an epoch's end.
+    A Checkpoint callback, so that Lightning runs it after ModelCheckpoint and LastCheckpoint at an epoch's end.
     """
 
     def __init__(self, last: LastCheckpoint) -> None:

@@ -293,7 +293,7 @@ def _predict_cfg(*overrides: str):
 
 def test_bad_checkpoint_and_missing_keys_are_one_line_exit_2(tmp_path, capsys):
     from fer_lightning.cli.errors import user_errors
-    from fer_lightning.cli.predict import feature_user_errors, run
+    from fer_lightning.cli.predict import run
 
     (tmp_path / "broken.ckpt").write_bytes(b"PK\x03\x04 definitely not a zip")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x.png")
@@ -304,7 +304,7 @@ def test_bad_checkpoint_and_missing_keys_are_one_line_exit_2(tmp_path, capsys):
         ([f"ckpt_path={tmp_path / 'broken.ckpt'}", f"input={tmp_path / 'none' / '*.png'}"], "matches no files"),
     ]
     for overrides, message in cases:
-        with pytest.raises(SystemExit) as exc, user_errors(), feature_user_errors():
+        with pytest.raises(SystemExit) as exc, user_errors():
             run(_predict_cfg(*overrides))
         assert exc.value.code == 2
         err = capsys.readouterr().err

@@ -65,25 +65,45 @@ def _checkpoint_info(path: Path) -> dict[str, int]:
     return {"epoch": ckpt["epoch"], "step": ckpt["global_step"], "batches": ckpt["fer_train_loader"]["batches"]}
 
 
-def _kill_at(proc: subprocess.Popen, root: Path, wanted, what: str) -> dict[str, int]:
-    """Freeze the run at each new last.ckpt; SIGKILL it at the first one `wanted` accepts and return its info."""
-    seen = None
+def _logged(uri: str, run_dir: Path, info: dict[str, int]) -> bool:
+    """Whether MLflow already has the metrics logged right after this checkpoint (Lightning logs a step's train
+    metrics just after the step's checkpoint callbacks; a kill in between would lose them, see resume.py)."""
+    run_id = json.loads((run_dir / RUN_FILE).read_text())["run_id"]
+    epoch_end = info["batches"] == STEPS_PER_EPOCH
+    key = "train/loss_epoch" if epoch_end else "train/loss_step"
+    steps = {m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)}
+    return info["step"] - 1 in steps
+
+
+def _kill_at(proc: subprocess.Popen, root: Path, uri: str, wanted, what: str) -> dict[str, int]:
+    """SIGKILL the run once its last.ckpt is one that `wanted` accepts and that step's metrics reached MLflow.
+
+    The run is frozen (SIGSTOP) while its checkpoint is read, so the checkpoint cannot change under us; it may
+    have run a step further than that checkpoint when it dies, which a resume must repeat without duplicates.
+    """
+    seen, candidate = None, None
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc={proc.returncode}) before {what}:\n{proc.stdout.read()[-6000:]}")
         found = list(root.glob("outputs/*/*/checkpoints/last.ckpt"))
-        if found and found[0].stat().st_mtime_ns != seen:
-            os.kill(proc.pid, signal.SIGSTOP)  # frozen: last.ckpt cannot change while we read it
-            seen = found[0].stat().st_mtime_ns
-            info = _checkpoint_info(found[0])
-            if wanted(info):
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-                assert proc.returncode == -signal.SIGKILL
-                return info
-            os.kill(proc.pid, signal.SIGCONT)
-        time.sleep(0.01)
+        if found and (candidate is not None or found[0].stat().st_mtime_ns != seen):
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                mtime = found[0].stat().st_mtime_ns
+                if mtime != seen:
+                    seen = mtime
+                    info = _checkpoint_info(found[0])
+                    candidate = info if wanted(info) else None
+                if candidate is not None and _logged(uri, found[0].parents[1], candidate):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    assert proc.returncode == -signal.SIGKILL
+                    return candidate
+            finally:
+                if proc.poll() is None:
+                    os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.005)
     proc.kill()
     raise AssertionError(f"no last.ckpt for {what} within {TIMEOUT_S} s")
 
@@ -109,7 +129,7 @@ def test_killed_twice_and_resumed_equals_uninterrupted_run(
         with ThreadPoolExecutor(1) as pool:
             # 1st crash: in the middle of an epoch after the first (the loader resumes mid-epoch, RNG restored)
             wanted = lambda i: i["epoch"] >= 1 and 0 < i["batches"] < STEPS_PER_EPOCH  # noqa: E731
-            killing = pool.submit(_kill_at, first, root, wanted, "mid-epoch")
+            killing = pool.submit(_kill_at, first, root, uri, wanted, "mid-epoch")
             # meanwhile, the uninterrupted reference in this process
             reference = train(make_cfg(*RUN))
             mid = killing.result()
@@ -123,7 +143,7 @@ def test_killed_twice_and_resumed_equals_uninterrupted_run(
     try:
         # 2nd crash: right after a later epoch's end (resume starts a fresh epoch, reseeded from (seed, epoch))
         end = _kill_at(
-            second, root, lambda i: i["batches"] == STEPS_PER_EPOCH and i["epoch"] > mid["epoch"], "epoch end"
+            second, root, uri, lambda i: i["batches"] == STEPS_PER_EPOCH and i["epoch"] > mid["epoch"], "epoch end"
         )
     finally:
         second.kill()

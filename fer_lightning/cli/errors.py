@@ -24,13 +24,14 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from fer_lightning.export import ExportError
     from fer_lightning.face_detect import FaceDetectorError
     from fer_lightning.formats.registry import DataFormatError
+    from fer_lightning.mlflow_retry import TrackingUnavailableError
     from fer_lightning.mlflow_spool import SpoolError
     from fer_lightning.models.backbones import WeightsMismatchError, WeightsNotFoundError
     from fer_lightning.predict import PredictInputError
 
     return (ConfigError, DataCheckError, DataConfigError, DataFormatError, ImageDecodeError, WeightsNotFoundError,
             WeightsMismatchError, SplitError, LeakageError, CheckpointError, PredictInputError, FaceDetectorError,
-            ExportError, BenchConfigError, SpoolError)  # fmt: skip
+            ExportError, BenchConfigError, SpoolError, TrackingUnavailableError)  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fer_lightning.cli.errors import user_errors
-from fer_lightning.cli.predict import CONF_DIR, feature_user_errors, require
+from fer_lightning.cli.predict import CONF_DIR, require
 
 
 def _parity_images(spec: str, hparams: dict) -> np.ndarray:
@@ -52,7 +52,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def _main(cfg: DictConfig) -> None:
-    with user_errors(), feature_user_errors():
+    with user_errors():
         run(cfg)
 
 

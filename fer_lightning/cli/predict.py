@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import hydra
@@ -15,23 +12,6 @@ from fer_lightning.cli.errors import user_errors
 
 # absolute: a console script imports this module by name, and Hydra would read a relative path as package "conf"
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@contextlib.contextmanager
-def feature_user_errors() -> Iterator[None]:
-    """Like user_errors() for the checkpoint, prediction and export errors (exit 2 with one line)."""
-    from fer_lightning.checkpoints import CheckpointError
-    from fer_lightning.export import ExportError
-    from fer_lightning.face_detect import FaceDetectorError
-    from fer_lightning.predict import PredictInputError
-
-    try:
-        yield
-    except (CheckpointError, PredictInputError, FaceDetectorError, ExportError) as err:
-        if os.environ.get("FER_DEBUG"):
-            raise
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
 
 
 def require(cfg: DictConfig, *keys: str) -> None:
@@ -81,7 +61,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def _main(cfg: DictConfig) -> None:
-    with user_errors(), feature_user_errors():
+    with user_errors():
         run(cfg)
 
 

@@ -73,6 +73,7 @@ class ResumableLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.seed = int(seed)
         self._served = 0
+        self._served_epoch = -1
         self._resume: dict[str, Any] | None = None
 
     def _epoch(self) -> int:
@@ -87,7 +88,7 @@ class ResumableLoader(DataLoader):
         self.generator.manual_seed(epoch_seed(self.seed, epoch))
         batches = super().__iter__()
         resume, self._resume = self._resume, None
-        self._served = 0
+        self._served, self._served_epoch = 0, epoch
         if resume is not None and resume["epoch"] == epoch and resume["batches"] > 0:
             # fetch (not just skip indices) so that worker random streams advance as they did before the crash
             for _ in range(resume["batches"]):
@@ -100,7 +101,10 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         """Where the current epoch is: its number, the batches handed out, and the RNG states now."""
-        return {"epoch": self._epoch(), "batches": self._served, "rng": rng_states()}
+        epoch = self._epoch()
+        # between epochs the sampler already has the next epoch, of which nothing was served yet
+        served = self._served if self._served_epoch == epoch else 0
+        return {"epoch": epoch, "batches": served, "rng": rng_states()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from state_dict() on the next iteration (ignored if that iteration is another epoch)."""

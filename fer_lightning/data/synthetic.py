@@ -76,6 +76,7 @@ _PARAMS = (
     "brow_raise",  # + both brows up
     "brow_tilt",  # + inner ends up (sad, fear), - inner ends down (anger)
     "brow_squeeze",  # + inner ends pulled together and down
+    "brow_asym",  # + the brow on the smirking side raised
     "eye_open",  # + wider, - narrower
     "eye_squint",  # + lower lid raised
     "mouth_open",  # + jaw drop / lips apart
@@ -129,8 +130,20 @@ _CLASS_DELTAS: dict[int, dict[str, float]] = {
         "mouth_curve": -0.2,
         "nose_wrinkle": 0.3,
     },
-    7: {"mouth_asym": 1.0, "mouth_curve": 0.1, "eye_open": -0.15, "lip_press": 0.3},
+    7: {"mouth_asym": 1.0, "brow_asym": 0.8, "mouth_curve": 0.1, "eye_open": -0.15, "lip_press": 0.3},
 }
+
+
+_PRESENT_ONLY = (
+    "brow_asym",
+    "nose_wrinkle",
+    "teeth",
+    "folds",
+    "forehead_lines",
+    "mouth_asym",
+    "upper_lip_raise",
+    "lip_press",
+)
 
 
 @dataclass(frozen=True)
@@ -215,7 +228,7 @@ def expression_intensity(cls: int, valence: float, arousal: float) -> float:
 def _expression_vector(rng: np.random.Generator, cls: int, valence: float, arousal: float) -> np.ndarray:
     p = rng.normal(0.0, _DIFF.resting_jitter, len(_PARAMS))
     # Features that only exist when present (lines, teeth, asymmetry) have no resting offset.
-    for name in ("nose_wrinkle", "teeth", "folds", "forehead_lines", "mouth_asym", "upper_lip_raise", "lip_press"):
+    for name in _PRESENT_ONLY:
         p[_P[name]] = 0.0
     p[_P["mouth_open"]] = abs(p[_P["mouth_open"]]) * 0.3
     k = expression_intensity(cls, valence, arousal)
@@ -259,8 +272,9 @@ def _face_geometry(rng: np.random.Generator, p: np.ndarray) -> tuple[np.ndarray,
         - 0.25 * g["brow_tilt"] * (u - 0.3)
         + 0.08 * g["brow_squeeze"] * u
     )
-    pts[17:22] = np.stack([bx, by], 1)
-    pts[22:27] = np.stack([-bx[::-1], by[::-1]], 1)
+    lift = 0.15 * max(g["brow_asym"], 0.0)
+    pts[17:22] = np.stack([bx, by - (lift if asym_side < 0 else 0.0)], 1)
+    pts[22:27] = np.stack([-bx[::-1], by[::-1] - (lift if asym_side > 0 else 0.0)], 1)
 
     pts[27:31, 0] = 0.0
     pts[27:31, 1] = np.linspace(eye_y - 0.02, nose_y - 0.04, 4)
