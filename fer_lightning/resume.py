@@ -280,6 +280,11 @@ def logged_steps(client: Any, run_id: str) -> dict[str, set[int]]:
     return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics}
 
 
+def skip_logged_steps(logger: Any) -> None:
+    """From now on the logger drops every (metric, step) its MLflow run already has (the first value stays)."""
+    logger.log_metrics = _SkipLoggedSteps(logger, logged_steps(logger.experiment, logger.run_id))
+
+
 class RunSession:
     """One training run's identity on disk and in MLflow: new, or resumed from a ResumePoint."""
 
@@ -341,7 +346,7 @@ class RunSession:
                 {"resume.count": self.record.resumes, "resume.reason": self.point.reason,
                  "resume.checkpoint": str(self.point.checkpoint)},
             )  # fmt: skip
-            logger.log_metrics = _SkipLoggedSteps(logger, logged_steps(client, run_id))
+            skip_logged_steps(logger)
 
     def callbacks(self, checkpoint_dir: Path) -> list[Any]:
         """last.ckpt writer, per-epoch reseeding, and preemption handling on SLURM."""

@@ -20,11 +20,10 @@ import os
 import signal
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.core.utils import JobReturn
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
@@ -46,15 +45,16 @@ class Requeued(BaseException):
 
 def job_resources(trainer_cfgs: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
     """sbatch resources (tasks_per_node, nodes, gpus_per_node) for the jobs' trainer configs; one set per launch."""
-    found = {
-        (str(t.get("accelerator", "auto")), t.get("devices", 1), int(t.get("num_nodes", 1) or 1)) for t in trainer_cfgs
-    }
+    found = {}
+    for t in trainer_cfgs:
+        values = (str(t.get("accelerator", "auto")), t.get("devices", 1), int(t.get("num_nodes", 1) or 1))
+        found.setdefault(repr(values), values)
     if len(found) > 1:
         raise ConfigError(
-            f"trainer.accelerator/devices/num_nodes vary across this sweep ({sorted(found, key=str)}), but one "
+            f"trainer.accelerator/devices/num_nodes vary across this sweep ({', '.join(sorted(found))}), but one "
             "hydra/launcher=slurm launch requests one set of SLURM resources: run one sweep per setting"
         )
-    accelerator, devices, nodes = found.pop()
+    accelerator, devices, nodes = next(iter(found.values()))
     if isinstance(devices, str) and devices.isdigit():
         devices = int(devices)
     if not isinstance(devices, int) or isinstance(devices, bool) or devices < 1:
@@ -79,18 +79,15 @@ def job_resources(trainer_cfgs: Sequence[Any], params: dict[str, Any]) -> dict[s
     return out
 
 
-class SlurmLauncher(SubmititSlurmLauncher):
-    """hydra-submitit's SLURM launcher with the resources taken from each job's trainer config."""
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.hydra_context is not None
-        loader = self.hydra_context.config_loader
-        trainers = [
-            OmegaConf.to_container(loader.load_sweep_config(self.config, list(o)).trainer, resolve=True)
-            for o in job_overrides
-        ]
-        self.params.update(job_resources(trainers, self.params))
-        return super().launch(job_overrides, initial_job_idx)
+def sweep_resources(
+    hydra_context: Any, config: Any, job_overrides: Sequence[Sequence[str]], params: dict[str, Any]
+) -> dict[str, Any]:
+    """job_resources() over the trainer configs of every job of a sweep (composed as the jobs will be)."""
+    loader = hydra_context.config_loader
+    trainers = [
+        OmegaConf.to_container(loader.load_sweep_config(config, list(o)).trainer, resolve=True) for o in job_overrides
+    ]
+    return job_resources(trainers, params)
 
 
 def _preempt_signal() -> signal.Signals:
@@ -114,6 +111,7 @@ class RequeueOnPreemption(Checkpoint):
         self.signum = _preempt_signal()
         self.requested = False
         self._training = False
+        self._checkpoint: Path | None = None
         self._submitit_handler: Any = None
         self._install()
 
@@ -144,9 +142,6 @@ class RequeueOnPreemption(Checkpoint):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._training = True
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._training = False
-
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._training = False
 
@@ -154,22 +149,41 @@ class RequeueOnPreemption(Checkpoint):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if not validation_follows(trainer, batch_idx):  # else wait for the epoch end (see validation_follows)
-            self._requeue_if_requested(trainer)
+            self._checkpoint_if_requested(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._requeue_if_requested(trainer)
+        self._checkpoint_if_requested(trainer)
 
-    def _requeue_if_requested(self, trainer: pl.Trainer) -> None:
+    # the requeue waits for the next hook, so that Lightning first logs the checkpointed step's (epoch's) metrics
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._requeue_if_checkpointed(trainer)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requeue_if_checkpointed(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._requeue_if_checkpointed(trainer)
+        self._training = False
+
+    def _checkpoint_if_requested(self, trainer: pl.Trainer) -> None:
         # every rank got the signal, but not at the same step: agree (any rank) before anyone saves
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+        if self._checkpoint is not None or not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
-        path = self.last.save(trainer)
-        message = f"checkpointed {path} at epoch {trainer.current_epoch}, step {trainer.global_step} for requeue"
-        log.warning(message)
+        self._checkpoint = self.last.save(trainer)
+        log.warning(
+            "checkpointed %s at epoch %d, step %d for requeue", self._checkpoint, trainer.current_epoch,
+            trainer.global_step,
+        )  # fmt: skip
+
+    def _requeue_if_checkpointed(self, trainer: pl.Trainer) -> None:
+        if self._checkpoint is None:
+            return
         self._training = False
         if trainer.is_global_zero:
             self._run_submitit_handler()
-        raise Requeued(message)
+        raise Requeued(f"SLURM job requeued; it resumes from {self._checkpoint}")
 
 
 def preemption_callbacks(last: LastCheckpoint | None) -> list[Callback]:

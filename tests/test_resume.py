@@ -25,6 +25,8 @@ from cli_runs import (
     training_runs,
 )
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from pytorch_lightning.loggers import MLFlowLogger
 from torch.utils.data import Dataset
 
 from fer_lightning.data.resumable import ResumableLoader, rng_states, set_rng_states
@@ -37,6 +39,7 @@ from fer_lightning.resume import (
     find_auto,
     find_resume_point,
     identity,
+    skip_logged_steps,
 )
 from fer_lightning.train import train
 
@@ -69,17 +72,20 @@ def _logged(uri: str, run_dir: Path, info: dict[str, int]) -> bool:
     """Whether MLflow already has the metrics logged right after this checkpoint (Lightning logs a step's train
     metrics just after the step's checkpoint callbacks; a kill in between would lose them, see resume.py)."""
     run_id = json.loads((run_dir / RUN_FILE).read_text())["run_id"]
-    epoch_end = info["batches"] == STEPS_PER_EPOCH
-    key = "train/loss_epoch" if epoch_end else "train/loss_step"
-    steps = {m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)}
+    key = "train/loss_epoch" if info["batches"] == STEPS_PER_EPOCH else "train/loss_step"
+    try:
+        steps = {m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)}
+    except MlflowException:  # the run is writing ("database is locked"): ask again
+        return False
     return info["step"] - 1 in steps
 
 
 def _kill_at(proc: subprocess.Popen, root: Path, uri: str, wanted, what: str) -> dict[str, int]:
     """SIGKILL the run once its last.ckpt is one that `wanted` accepts and that step's metrics reached MLflow.
 
-    The run is frozen (SIGSTOP) while its checkpoint is read, so the checkpoint cannot change under us; it may
-    have run a step further than that checkpoint when it dies, which a resume must repeat without duplicates.
+    The run is frozen (SIGSTOP) while its checkpoint is read and when it is killed, so the checkpoint cannot
+    change in between; it may have run a step further than that checkpoint, which the resume must repeat
+    without logging anything twice. MLflow is only read while the run runs (it may hold the SQLite lock).
     """
     seen, candidate = None, None
     deadline = time.monotonic() + TIMEOUT_S
@@ -87,22 +93,20 @@ def _kill_at(proc: subprocess.Popen, root: Path, uri: str, wanted, what: str) ->
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (rc={proc.returncode}) before {what}:\n{proc.stdout.read()[-6000:]}")
         found = list(root.glob("outputs/*/*/checkpoints/last.ckpt"))
-        if found and (candidate is not None or found[0].stat().st_mtime_ns != seen):
+        ready = candidate is not None and _logged(uri, found[0].parents[1], candidate)
+        if found and (ready or found[0].stat().st_mtime_ns != seen):
             os.kill(proc.pid, signal.SIGSTOP)
-            try:
-                mtime = found[0].stat().st_mtime_ns
-                if mtime != seen:
-                    seen = mtime
-                    info = _checkpoint_info(found[0])
-                    candidate = info if wanted(info) else None
-                if candidate is not None and _logged(uri, found[0].parents[1], candidate):
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=30)
-                    assert proc.returncode == -signal.SIGKILL
-                    return candidate
-            finally:
-                if proc.poll() is None:
-                    os.kill(proc.pid, signal.SIGCONT)
+            mtime = found[0].stat().st_mtime_ns
+            if mtime == seen and ready:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+                assert proc.returncode == -signal.SIGKILL
+                return candidate
+            if mtime != seen:
+                seen = mtime
+                info = _checkpoint_info(found[0])
+                candidate = info if wanted(info) else None
+            os.kill(proc.pid, signal.SIGCONT)
         time.sleep(0.005)
     proc.kill()
     raise AssertionError(f"no last.ckpt for {what} within {TIMEOUT_S} s")
@@ -260,6 +264,21 @@ def test_resume_rejects_a_finished_run_and_a_dir_without_checkpoint(tmp_path, ma
     bare = _fake_run(tmp_path, "bare", cfg, ckpt=False)
     with pytest.raises(ResumeError, match="no checkpoints/last.ckpt"):
         find_resume_point(make_cfg("logger=none", f"resume={bare}"))
+
+
+def test_a_reopened_run_keeps_the_first_value_of_each_metric_step(mlflow_db):
+    first = MLFlowLogger(experiment_name="fer_lightning", tracking_uri=mlflow_db)
+    for step in range(4):
+        first.log_metrics({"train/loss": float(step)}, step=step)
+    # a resumed attempt repeats steps 2 and 3 (after the checkpoint, before the crash), then goes on
+    resumed = MLFlowLogger(experiment_name="fer_lightning", tracking_uri=mlflow_db, run_id=first.run_id)
+    skip_logged_steps(resumed)
+    for step in range(2, 6):
+        resumed.log_metrics({"train/loss": 10.0 + step, "val/acc": 0.5}, step=step)
+    resumed.log_metrics({"train/loss": 99.0}, step=5)  # within the resumed attempt too
+    client = MlflowClient(tracking_uri=mlflow_db)
+    assert history(client, first.run_id, "train/loss") == [(0, 0.0), (1, 1.0), (2, 2.0), (3, 3.0), (4, 14.0), (5, 15.0)]
+    assert history(client, first.run_id, "val/acc") == [(2, 0.5), (3, 0.5), (4, 0.5), (5, 0.5)]
 
 
 # ------------------------------------------------------------------------------------------- the loader
