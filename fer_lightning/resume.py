@@ -12,7 +12,9 @@ the train loader's position and RNG states) in the same run directory and the sa
 
 The config must be the one of the run (same overrides), except for keys that do not change the result
 (RUNTIME_KEYS). MLflow keeps the first value logged for a (metric, step): steps logged after the checkpoint and
-before the crash are not logged twice.
+before the crash are not logged twice. Lightning sends a step's (an epoch's) train metrics just after that
+step's (epoch's) checkpoint callbacks, so a kill in those few milliseconds loses that one step's train metrics;
+validation metrics are sent before the epoch's checkpoint and are never lost.
 """
 
 from __future__ import annotations
