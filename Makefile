@@ -20,7 +20,6 @@ install: $(STAMP) ## build .venv and install the package (editable) with dev ext
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip >/dev/null
 	# torch first, from the pinned local wheels where they exist; pyproject asks only for ranges
 	$(BIN)/pip install "torch>=2.4" "torchvision>=0.19"
 	$(BIN)/pip install -e ".[dev]"
