@@ -214,4 +214,3 @@ def _report(
         if uri.startswith("sqlite:"):
             lines.append(f"open the MLflow UI:  make ui   (or: mlflow ui --backend-store-uri {uri})")
     print("\n".join(lines), file=sys.stdout, flush=True)
-

@@ -48,27 +48,35 @@ def data(tmp_path: Path):
     _write(root, "img/truncated.jpg", _jpeg_bytes(5)[:40])  # cut inside the header
     (tmp_path / "outside.jpg").write_bytes(_jpeg_bytes(6))
     rows = [
-        {"path": "img/ok0.jpg", "landmarks": GOOD_LM},                      # 0 fine
-        {"path": "img/ok1.jpg", "split": "test"},                           # 1 fine
-        {"path": "img/missing.jpg"},                                        # 2 missing_file
-        {"path": "img/empty.jpg"},                                          # 3 empty_file
-        {"path": "img/garbage.jpg"},                                        # 4 undecodable
-        {"path": "img/truncated.jpg"},                                      # 5 undecodable
+        {"path": "img/ok0.jpg", "landmarks": GOOD_LM},  # 0 fine
+        {"path": "img/ok1.jpg", "split": "test"},  # 1 fine
+        {"path": "img/missing.jpg"},  # 2 missing_file
+        {"path": "img/empty.jpg"},  # 3 empty_file
+        {"path": "img/garbage.jpg"},  # 4 undecodable
+        {"path": "img/truncated.jpg"},  # 5 undecodable
         {"path": "img/ok0.jpg", "expression": None, "label_raw": "smirk"},  # 6 unknown_label (+ duplicate)
-        {"path": "img/ok1.jpg", "expression": 42, "label_raw": "42"},       # 7 label_outside_taxonomy
-        {"path": "img/ok1.jpg", "split": "val", "valence": 1.5},            # 8 va_out_of_range
+        {"path": "img/ok1.jpg", "expression": 42, "label_raw": "42"},  # 7 label_outside_taxonomy
+        {"path": "img/ok1.jpg", "split": "val", "valence": 1.5},  # 8 va_out_of_range
         {"path": "img/./ok1.jpg", "split": "val", "landmarks": np.zeros((67, 2), np.float32)},  # 9 landmarks + dup
-        {"path": "../outside.jpg"},                                         # 10 path_escapes_root
+        {"path": "../outside.jpg"},  # 10 path_escapes_root
         {"path": "img/ok0.jpg", "split": "val", "expression": None, "label_raw": None},  # 11 null_expression
-        {"path": None, "split": "test"},                                    # 12 null_path
+        {"path": None, "split": "test"},  # 12 null_path
     ]
     return root, _records(rows)
 
 
 EXPECTED = {
-    2: ["missing_file"], 3: ["empty_file"], 4: ["undecodable"], 5: ["undecodable"],
-    6: ["duplicate", "unknown_label"], 7: ["label_outside_taxonomy"], 8: ["va_out_of_range"],
-    9: ["duplicate", "landmarks"], 10: ["path_escapes_root"], 11: ["null_expression"], 12: ["null_path"],
+    2: ["missing_file"],
+    3: ["empty_file"],
+    4: ["undecodable"],
+    5: ["undecodable"],
+    6: ["duplicate", "unknown_label"],
+    7: ["label_outside_taxonomy"],
+    8: ["va_out_of_range"],
+    9: ["duplicate", "landmarks"],
+    10: ["path_escapes_root"],
+    11: ["null_expression"],
+    12: ["null_path"],
 }
 
 
@@ -83,9 +91,19 @@ def test_each_check_reports_exactly_its_rows(data):
     root, rec = data
     out, report = run_checks(rec, root, classes=CLASSES, policy="warn")
     assert _by_row(report) == EXPECTED
-    assert report.counts == {"null_path": 1, "path_escapes_root": 1, "duplicate": 2, "null_expression": 1,
-                             "unknown_label": 1, "label_outside_taxonomy": 1, "va_out_of_range": 1,
-                             "landmarks": 1, "missing_file": 1, "empty_file": 1, "undecodable": 2}
+    assert report.counts == {
+        "null_path": 1,
+        "path_escapes_root": 1,
+        "duplicate": 2,
+        "null_expression": 1,
+        "unknown_label": 1,
+        "label_outside_taxonomy": 1,
+        "va_out_of_range": 1,
+        "landmarks": 1,
+        "missing_file": 1,
+        "empty_file": 1,
+        "undecodable": 2,
+    }
     assert report.n_rows_in == report.n_rows_out == 13 and len(out) == 13
     reasons = report.to_frame().set_index(["row", "check"])["reason"]
     assert reasons[(6, "duplicate")] == "same file as row 0 in split train"
@@ -158,9 +176,14 @@ def test_decode_none_still_finds_missing_and_empty(tmp_path):
 
 def test_va_marker_is_a_note_unless_va_is_trained(tmp_path):
     _write(tmp_path, "a.jpg", _jpeg_bytes())
-    rec = _records([{"path": "a.jpg", "valence": -2.0, "arousal": -2.0}, {"path": "a.jpg", "split": "test"},
-                    {"path": "a.jpg", "split": "val", "valence": None, "arousal": 0.3},
-                    {"path": "a.jpg", "split": "val", "valence": -1.0001}])
+    rec = _records(
+        [
+            {"path": "a.jpg", "valence": -2.0, "arousal": -2.0},
+            {"path": "a.jpg", "split": "test"},
+            {"path": "a.jpg", "split": "val", "valence": None, "arousal": 0.3},
+            {"path": "a.jpg", "split": "val", "valence": -1.0001},
+        ]
+    )
     _, report = run_checks(rec.iloc[[0, 1, 3]], tmp_path, classes=CLASSES, policy="warn")
     assert [(i.row, i.check) for i in report.issues] == [(3, "va_out_of_range")]
     assert report.notes == {"va_nonface_marker": 1}
@@ -171,8 +194,13 @@ def test_va_marker_is_a_note_unless_va_is_trained(tmp_path):
 
 def test_canonical_class_outside_subset_is_not_an_error(tmp_path):
     _write(tmp_path, "a.jpg", _jpeg_bytes())
-    rec = _records([{"path": "a.jpg", "expression": 7}, {"path": "a.jpg", "expression": 1, "split": "test"},
-                    {"path": "a.jpg", "expression": 11, "split": "val"}])
+    rec = _records(
+        [
+            {"path": "a.jpg", "expression": 7},
+            {"path": "a.jpg", "expression": 1, "split": "test"},
+            {"path": "a.jpg", "expression": 11, "split": "val"},
+        ]
+    )
     _, report = run_checks(rec, tmp_path, classes=[0, 1], policy="warn")
     assert [(i.row, i.check) for i in report.issues] == [(2, "label_outside_taxonomy")]
     assert report.notes == {"label_not_in_classes": 1}
@@ -192,19 +220,32 @@ def test_bad_landmark_kinds(tmp_path):
     _write(tmp_path, "a.jpg", _jpeg_bytes())
     nan_lm = GOOD_LM.copy()
     nan_lm[3, 1] = np.nan
-    rec = _records([{"path": "a.jpg", "landmarks": GOOD_LM}, {"path": "a.jpg", "split": "val", "landmarks": nan_lm},
-                    {"path": "a.jpg", "split": "test", "landmarks": np.zeros(136, np.float32)}])
+    rec = _records(
+        [
+            {"path": "a.jpg", "landmarks": GOOD_LM},
+            {"path": "a.jpg", "split": "val", "landmarks": nan_lm},
+            {"path": "a.jpg", "split": "test", "landmarks": np.zeros(136, np.float32)},
+        ]
+    )
     _, report = run_checks(rec, tmp_path, classes=CLASSES, policy="warn")
-    assert [(i.row, i.reason) for i in report.issues] == [(1, "non-finite coordinates"),
-                                                          (2, "shape (136,), expected (68, 2)")]
+    assert [(i.row, i.reason) for i in report.issues] == [
+        (1, "non-finite coordinates"),
+        (2, "shape (136,), expected (68, 2)"),
+    ]
 
 
 def test_absolute_path_inside_root_is_fine_outside_is_not(tmp_path):
     root = tmp_path / "r"
     _write(root, "a.jpg", _jpeg_bytes())
     _write(tmp_path, "b.jpg", _jpeg_bytes())
-    rec = _records([{"path": str(root / "a.jpg")}, {"path": str(tmp_path / "b.jpg"), "split": "test"},
-                    {"path": "sub/../../b.jpg", "split": "val"}, {"path": "sub/../a.jpg", "split": "val"}])
+    rec = _records(
+        [
+            {"path": str(root / "a.jpg")},
+            {"path": str(tmp_path / "b.jpg"), "split": "test"},
+            {"path": "sub/../../b.jpg", "split": "val"},
+            {"path": "sub/../a.jpg", "split": "val"},
+        ]
+    )
     _, report = run_checks(rec, root, classes=CLASSES, policy="warn")
     assert [(i.row, i.check) for i in report.issues] == [(1, "path_escapes_root"), (2, "path_escapes_root")]
 

@@ -22,6 +22,7 @@ def _jpeg(path: Path, seed: int = 0) -> None:
 
 # --------------------------------------------------------------------------- affectnet_npy
 
+
 def _landmarks_flat(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 224, 136)
 
@@ -30,9 +31,9 @@ def _landmarks_flat(seed: int) -> np.ndarray:
 NPY_TRAIN = {
     "0": ("1", "0.5", "-0.25"),
     "7": ("0", "0.0", "0.125"),
-    "12": ("10", "-2", "-2"),       # non-face: id 10 and the -2 VA marker
-    "30": ("8", "0.1", "0.2"),      # "none"
-    "41": (6, 0.75, -0.5),          # ints/floats are accepted as well
+    "12": ("10", "-2", "-2"),  # non-face: id 10 and the -2 VA marker
+    "30": ("8", "0.1", "0.2"),  # "none"
+    "41": (6, 0.75, -0.5),  # ints/floats are accepted as well
 }
 NPY_VAL = {"3": ("2", "-0.5", "0.5"), "5": ("7", "0.25", "0.25")}
 
@@ -59,8 +60,13 @@ def test_npy_reads_values_paths_and_maps_val_set_to_test(npy_root, caplog):
     with caplog.at_level(logging.INFO):
         df = affectnet_npy.read(npy_root)
     # numeric id order, ids 12 (non-face) and 30 ("none") dropped
-    assert df["path"].tolist() == ["train_set/images/0.jpg", "train_set/images/7.jpg", "train_set/images/41.jpg",
-                                   "val_set/images/3.jpg", "val_set/images/5.jpg"]
+    assert df["path"].tolist() == [
+        "train_set/images/0.jpg",
+        "train_set/images/7.jpg",
+        "train_set/images/41.jpg",
+        "val_set/images/3.jpg",
+        "val_set/images/5.jpg",
+    ]
     assert df["split"].tolist() == ["train", "train", "train", "test", "test"]
     assert df["expression"].tolist() == [1, 0, 6, 2, 7]
     assert df["label_raw"].tolist() == ["1", "0", "6", "2", "7"]
@@ -152,9 +158,9 @@ HEADER = "subDirectory_filePath,face_x,face_y,face_width,face_height,facial_land
 LM_A = ";".join(f"{v:.2f}" for v in np.linspace(10.5, 200.25, 136))
 TRAIN_ROWS = [
     f"689/a.jpg,12,15,180,190,{LM_A},1,0.785714,-0.055556",
-    "392/b.png,0,0,100,100,,0,-0.2,0.3",                      # no landmarks
-    "10/nonface.jpg,1,2,3,4,,10,-2,-2",                       # non-face: dropped by default
-    "11/none.jpg,1,2,3,4,,8,0.1,0.1",                         # "none": dropped by default
+    "392/b.png,0,0,100,100,,0,-0.2,0.3",  # no landmarks
+    "10/nonface.jpg,1,2,3,4,,10,-2,-2",  # non-face: dropped by default
+    "11/none.jpg,1,2,3,4,,8,0.1,0.1",  # "none": dropped by default
 ]
 VAL_ROWS = ["5/c.jpg,3,4,50,60,,6,0.5,0.5"]
 
@@ -173,13 +179,17 @@ def test_csv_reads_box_landmarks_and_drops_non_faces(tmp_path, caplog):
     root = _write_csv_root(tmp_path)
     with caplog.at_level(logging.INFO):
         df = affectnet.read(root)
-    assert df["path"].tolist() == ["Manually_Annotated_Images/689/a.jpg", "Manually_Annotated_Images/392/b.png",
-                                   "Manually_Annotated_Images/5/c.jpg"]
+    assert df["path"].tolist() == [
+        "Manually_Annotated_Images/689/a.jpg",
+        "Manually_Annotated_Images/392/b.png",
+        "Manually_Annotated_Images/5/c.jpg",
+    ]
     assert df["split"].tolist() == ["train", "train", "test"]
     assert df["expression"].tolist() == [1, 0, 6]
     assert df["label_raw"].tolist() == ["1", "0", "6"]
-    np.testing.assert_array_equal(df[["face_x", "face_y", "face_w", "face_h"]].to_numpy(),
-                                  [[12, 15, 180, 190], [0, 0, 100, 100], [3, 4, 50, 60]])
+    np.testing.assert_array_equal(
+        df[["face_x", "face_y", "face_w", "face_h"]].to_numpy(), [[12, 15, 180, 190], [0, 0, 100, 100], [3, 4, 50, 60]]
+    )
     np.testing.assert_allclose(df["valence"], [0.785714, -0.2, 0.5], rtol=1e-6)
     np.testing.assert_allclose(df["arousal"], [-0.055556, 0.3, 0.5], rtol=1e-6)
     expected = np.array([float(v) for v in LM_A.split(";")], dtype=np.float32).reshape(68, 2)
@@ -254,6 +264,7 @@ def test_csv_missing_root_csv_and_columns(tmp_path):
 
 # --------------------------------------------------------------------------- registry
 
+
 def test_registry_lists_formats_and_rejects_unknown(tmp_path):
     assert {"affectnet", "affectnet_npy"} <= set(available_formats())
     assert "registry" not in available_formats()
@@ -273,6 +284,9 @@ def test_registry_passes_options(tmp_path):
 
 
 def test_registry_names_an_option_the_reader_does_not_take(tmp_path):
-    with pytest.raises(DataFormatError, match=r"data.reader: format affectnet does not take \['extra_classes'\].*"
-                                              r"'drop_non_expression'"):
+    with pytest.raises(
+        DataFormatError,
+        match=r"data.reader: format affectnet does not take \['extra_classes'\].*"
+        r"'drop_non_expression'",
+    ):
         read_records("affectnet", _write_csv_root(tmp_path), extra_classes=["focused"])

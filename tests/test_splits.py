@@ -22,11 +22,15 @@ def _records(class_counts: dict[int | None, int], split: str = "train", prefix: 
     # interleave the classes so that a split by position alone would not be stratified by accident
     order = np.random.default_rng(123).permutation(len(labels))
     labels = [labels[i] for i in order]
-    return make_records(pd.DataFrame({
-        "path": [f"{prefix}img/{i}.jpg" for i in range(len(labels))],
-        "split": split,
-        "expression": pd.array(labels, dtype="Int64"),
-    }))
+    return make_records(
+        pd.DataFrame(
+            {
+                "path": [f"{prefix}img/{i}.jpg" for i in range(len(labels))],
+                "split": split,
+                "expression": pd.array(labels, dtype="Int64"),
+            }
+        )
+    )
 
 
 def _counts(df: pd.DataFrame, split: str) -> dict[int, int]:

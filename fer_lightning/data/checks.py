@@ -25,14 +25,27 @@ POLICIES = ("error", "warn", "drop")
 DECODE_MODES = ("header", "full", "none")
 # Report order; also the names used in CheckReport.counts.
 CHECKS = (
-    "null_path", "null_split", "path_escapes_root", "duplicate", "null_expression", "unknown_label",
-    "label_outside_taxonomy", "va_out_of_range", "va_nonface_marker", "va_missing", "landmarks", "missing_file",
-    "empty_file", "undecodable",
+    "null_path",
+    "null_split",
+    "path_escapes_root",
+    "duplicate",
+    "null_expression",
+    "unknown_label",
+    "label_outside_taxonomy",
+    "va_out_of_range",
+    "va_nonface_marker",
+    "va_missing",
+    "landmarks",
+    "missing_file",
+    "empty_file",
+    "undecodable",
 )
 LANDMARKS_SHAPE = (68, 2)
 _FILE_CHUNK = 256
-_POLICY_HINT = ("fix the data, or set data.checks=warn (log this report and keep the rows) "
-                "or data.checks=drop (drop the rows); data.checks takes error|warn|drop")
+_POLICY_HINT = (
+    "fix the data, or set data.checks=warn (log this report and keep the rows) "
+    "or data.checks=drop (drop the rows); data.checks takes error|warn|drop"
+)
 
 
 class DataCheckError(ValueError):
@@ -84,8 +97,9 @@ class CheckReport:
             if len(self.issues) > max_rows:
                 lines.append(f"  and {len(self.issues) - max_rows} more")
         if self.notes:
-            lines.append("notes (not problems with these settings): "
-                         + ", ".join(f"{k}: {v}" for k, v in self.notes.items()))
+            lines.append(
+                "notes (not problems with these settings): " + ", ".join(f"{k}: {v}" for k, v in self.notes.items())
+            )
         if self.n_rows_out != self.n_rows_in:
             lines.append(f"rows kept: {self.n_rows_out} of {self.n_rows_in}")
         return "\n".join(lines)
@@ -135,14 +149,21 @@ def run_checks(
     order = {name: k for k, name in enumerate(CHECKS)}
     found.sort(key=lambda f: (f[0], order[f[1]]))
     index = records.index
-    issues = [Issue(index[pos], "" if path_text[pos] is None else str(path_text[pos]), check, reason)
-              for pos, check, reason in found]
+    issues = [
+        Issue(index[pos], "" if path_text[pos] is None else str(path_text[pos]), check, reason)
+        for pos, check, reason in found
+    ]
     counts = Counter(check for _, check, _ in found)
     bad = np.zeros(len(records), dtype=bool)
     bad[[pos for pos, _, _ in found]] = True
     keep = policy != "drop" or not bad.any()
-    report = CheckReport(issues=issues, counts={c: counts[c] for c in CHECKS if counts[c]},
-                         n_rows_in=len(records), n_rows_out=len(records) if keep else int((~bad).sum()), notes=notes)
+    report = CheckReport(
+        issues=issues,
+        counts={c: counts[c] for c in CHECKS if counts[c]},
+        n_rows_in=len(records),
+        n_rows_out=len(records) if keep else int((~bad).sum()),
+        notes=notes,
+    )
     log.info("data checks of %d rows took %.1f s", len(records), time.perf_counter() - t0)
 
     if not issues:
@@ -169,12 +190,15 @@ def _check_schema(records: pd.DataFrame) -> None:
         wrong.append(f"landmarks is {records['landmarks'].dtype}, expected object (None or a 68x2 array)")
     if missing or wrong:
         problems = ([f"missing columns {missing}"] if missing else []) + wrong
-        raise DataCheckError(f"the records table has the wrong schema: {'; '.join(problems)}; a format reader's "
-                             "output must go through fer_lightning.data.records.make_records")
+        raise DataCheckError(
+            f"the records table has the wrong schema: {'; '.join(problems)}; a format reader's "
+            "output must go through fer_lightning.data.records.make_records"
+        )
 
 
-def _check_paths(paths: np.ndarray, root: Path, splits: np.ndarray, index: pd.Index,
-                 found: list) -> list[tuple[int, str]]:
+def _check_paths(
+    paths: np.ndarray, root: Path, splits: np.ndarray, index: pd.Index, found: list
+) -> list[tuple[int, str]]:
     """Null and escaping paths, duplicates per split; returns (position, absolute path) of the files to look at."""
     root_text = os.path.normpath(str(root))
     to_check = []
@@ -197,8 +221,9 @@ def _check_paths(paths: np.ndarray, root: Path, splits: np.ndarray, index: pd.In
     return to_check
 
 
-def _check_labels(records: pd.DataFrame, classes: list[int], known_ids: Collection[int] | None,
-                  found: list, notes: dict) -> None:
+def _check_labels(
+    records: pd.DataFrame, classes: list[int], known_ids: Collection[int] | None, found: list, notes: dict
+) -> None:
     expr = records["expression"]
     raw = records["label_raw"] if "label_raw" in records else pd.Series(pd.NA, index=records.index, dtype=object)
     na = expr.isna().to_numpy()
@@ -212,8 +237,13 @@ def _check_labels(records: pd.DataFrame, classes: list[int], known_ids: Collecti
     values = expr.to_numpy(dtype=np.float64, na_value=np.nan)
     outside = ~na & ~np.isin(values, sorted(known))
     for pos in np.flatnonzero(outside):
-        found.append((pos, "label_outside_taxonomy",
-                      f"class id {int(values[pos])} is not a known class (classes {classes}, known {sorted(known)})"))
+        found.append(
+            (
+                pos,
+                "label_outside_taxonomy",
+                f"class id {int(values[pos])} is not a known class (classes {classes}, known {sorted(known)})",
+            )
+        )
     n_other = int((~na & ~outside & ~np.isin(values, classes)).sum())
     if n_other:
         notes["label_not_in_classes"] = n_other
@@ -228,8 +258,13 @@ def _check_va(records: pd.DataFrame, va_required: bool, found: list, notes: dict
         found.append((pos, "va_out_of_range", f"valence {va[pos, 0]:g}, arousal {va[pos, 1]:g}: outside [-1, 1]"))
     if va_required:
         for pos in np.flatnonzero(marker):
-            found.append((pos, "va_nonface_marker",
-                          f"valence {va[pos, 0]:g}, arousal {va[pos, 1]:g}: the non-face marker, not a target"))
+            found.append(
+                (
+                    pos,
+                    "va_nonface_marker",
+                    f"valence {va[pos, 0]:g}, arousal {va[pos, 1]:g}: the non-face marker, not a target",
+                )
+            )
         for pos in np.flatnonzero((~finite).any(axis=1)):
             found.append((pos, "va_missing", "valence/arousal missing while they are trained"))
     elif marker.any():
@@ -249,7 +284,7 @@ def _check_landmarks(landmarks: np.ndarray, found: list) -> None:
 
 
 def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, found: list) -> None:
-    chunks = [to_check[i:i + _FILE_CHUNK] for i in range(0, len(to_check), _FILE_CHUNK)]
+    chunks = [to_check[i : i + _FILE_CHUNK] for i in range(0, len(to_check), _FILE_CHUNK)]
     t0 = time.perf_counter()
     done, next_report = 0, 0.1
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -257,8 +292,12 @@ def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, fou
             found.extend(chunk_found)
             done += _FILE_CHUNK
             if len(to_check) >= 20 * _FILE_CHUNK and done / len(to_check) >= next_report:
-                log.info("checked %d/%d image files (%.0f s)", min(done, len(to_check)), len(to_check),
-                         time.perf_counter() - t0)
+                log.info(
+                    "checked %d/%d image files (%.0f s)",
+                    min(done, len(to_check)),
+                    len(to_check),
+                    time.perf_counter() - t0,
+                )
                 next_report += 0.1
 
 

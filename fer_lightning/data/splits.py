@@ -36,8 +36,9 @@ def stratified_holdout(
         raise SplitError(f"hold-out fraction must be in (0, 1), got {fraction}")
     split = records["split"].astype(object).to_numpy()
     if (split == target).any():
-        log.info("split %r already has %d rows; no hold-out carved from %r", target, int((split == target).sum()),
-                 source)
+        log.info(
+            "split %r already has %d rows; no hold-out carved from %r", target, int((split == target).sum()), source
+        )
         return records
     src = np.flatnonzero(split == source)
     if len(src) == 0:
@@ -106,8 +107,10 @@ def save_split(records: pd.DataFrame, path: str | Path) -> None:
     """Write the split of every row as a CSV of path,split so that it can be reused with load_split."""
     dup = records["path"].duplicated(keep=False)
     if dup.any():
-        raise SplitError(f"cannot save the split to {path}: {int(dup.sum())} rows share a path "
-                         f"(e.g. {records['path'][dup].iloc[0]!r}); remove duplicates first (data checks)")
+        raise SplitError(
+            f"cannot save the split to {path}: {int(dup.sum())} rows share a path "
+            f"(e.g. {records['path'][dup].iloc[0]!r}); remove duplicates first (data checks)"
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     records[["path", "split"]].to_csv(path, index=False)
@@ -120,8 +123,9 @@ def load_split(records: pd.DataFrame, path: str | Path) -> pd.DataFrame:
         raise SplitError(f"saved split {path} not found")
     saved = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(saved.columns[:2]) != ["path", "split"]:
-        raise SplitError(f"{path}: expected the columns path,split (as written by save_split), "
-                         f"found {list(saved.columns)}")
+        raise SplitError(
+            f"{path}: expected the columns path,split (as written by save_split), found {list(saved.columns)}"
+        )
     bad_names = sorted(set(saved["split"]) - set(SPLITS))
     if bad_names:
         raise SplitError(f"{path}: unknown split names {bad_names}; expected {list(SPLITS)}")
@@ -131,13 +135,17 @@ def load_split(records: pd.DataFrame, path: str | Path) -> pd.DataFrame:
     record_paths = records["path"].astype(str)
     unknown = sorted(set(mapping) - set(record_paths))
     if unknown:
-        raise SplitError(f"{path}: {len(unknown)} saved paths are not in the records (e.g. {unknown[:3]}); "
-                         "the split was saved for other data (data.root, data.format or class filter changed?)")
+        raise SplitError(
+            f"{path}: {len(unknown)} saved paths are not in the records (e.g. {unknown[:3]}); "
+            "the split was saved for other data (data.root, data.format or class filter changed?)"
+        )
     new = record_paths.map(mapping)
     if new.isna().any():
         missing = record_paths[new.isna()].tolist()
-        raise SplitError(f"{path}: {len(missing)} records have no saved split (e.g. {missing[:3]}); "
-                         "the data changed since the split was saved: save a new split")
+        raise SplitError(
+            f"{path}: {len(missing)} records have no saved split (e.g. {missing[:3]}); "
+            "the data changed since the split was saved: save a new split"
+        )
     out = records.copy()
     out["split"] = pd.Categorical(new.to_numpy(dtype=object), categories=list(SPLITS))
     return out
@@ -170,8 +178,10 @@ def _draw(strata: np.ndarray | None, n: int, n_take: int, seed: int, what: str) 
     _require_members(strata, 2, what)
     n_classes = len(np.unique(strata))
     if min(n_take, n - n_take) < n_classes:
-        raise SplitError(f"{what}: {min(n_take, n - n_take)} rows on the smaller side cannot hold one of each of the "
-                         f"{n_classes} classes; change the fraction or use fewer classes (data.classes)")
+        raise SplitError(
+            f"{what}: {min(n_take, n - n_take)} rows on the smaller side cannot hold one of each of the "
+            f"{n_classes} classes; change the fraction or use fewer classes (data.classes)"
+        )
     sss = StratifiedShuffleSplit(n_splits=1, test_size=n_take, random_state=seed)
     _, picked = next(sss.split(np.zeros(n), strata))
     return np.sort(picked)
@@ -181,5 +191,7 @@ def _require_members(strata: np.ndarray, minimum: int, what: str) -> None:
     ids, counts = np.unique(strata, return_counts=True)
     few = {("unlabeled" if i == _NO_LABEL else int(i)): int(c) for i, c in zip(ids, counts) if c < minimum}
     if few:
-        raise SplitError(f"{what}: classes with fewer than {minimum} rows cannot be stratified: {few} "
-                         "(rows per class); drop those classes from data.classes or add data")
+        raise SplitError(
+            f"{what}: classes with fewer than {minimum} rows cannot be stratified: {few} "
+            "(rows per class); drop those classes from data.classes or add data"
+        )

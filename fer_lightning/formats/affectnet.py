@@ -27,13 +27,26 @@ from fer_lightning.taxonomy import NON_EXPRESSION_IDS
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("subDirectory_filePath", "face_x", "face_y", "face_width", "face_height", "facial_landmarks",
-           "expression", "valence", "arousal")
+COLUMNS = (
+    "subDirectory_filePath",
+    "face_x",
+    "face_y",
+    "face_width",
+    "face_height",
+    "facial_landmarks",
+    "expression",
+    "valence",
+    "arousal",
+)
 _BOX = {"face_x": "face_x", "face_y": "face_y", "face_width": "face_w", "face_height": "face_h"}
 N_LANDMARKS = 68
 # expression stays text: a label that is not a whole number is kept (label_raw) for the checks to report
-_FAST_DTYPES = {"subDirectory_filePath": str, "facial_landmarks": str, "expression": str,
-                **{c: np.float64 for c in ("face_x", "face_y", "face_width", "face_height", "valence", "arousal")}}
+_FAST_DTYPES = {
+    "subDirectory_filePath": str,
+    "facial_landmarks": str,
+    "expression": str,
+    **{c: np.float64 for c in ("face_x", "face_y", "face_width", "face_height", "valence", "arousal")},
+}
 
 
 def read(
@@ -53,8 +66,10 @@ def read(
         raise DataFormatError(f"official_val_split: {official_val_split!r} is not 'val' or 'test'")
     root = Path(root)
     if not root.is_dir():
-        raise DataFileNotFoundError(f"data.root: {str(root)!r} does not exist; expected the AffectNet folder holding "
-                                    f"{lists_dir}/ and {images_dir}/")
+        raise DataFileNotFoundError(
+            f"data.root: {str(root)!r} does not exist; expected the AffectNet folder holding "
+            f"{lists_dir}/ and {images_dir}/"
+        )
     frames = []
     for name, split in (("training.csv", "train"), ("validation.csv", official_val_split)):
         csv_path = root / lists_dir / name
@@ -79,14 +94,23 @@ def _read_csv(csv_path: Path, split: str, images_dir: str, parse_landmarks: bool
         header = [c.strip() for c in next(csv.reader([first]))]
         missing = [c for c in COLUMNS if c not in header]
         if missing:
-            raise DataFormatError(f"{csv_path}: missing columns {missing}; expected the AffectNet columns "
-                                  f"{list(COLUMNS)}, found {header}")
+            raise DataFormatError(
+                f"{csv_path}: missing columns {missing}; expected the AffectNet columns {list(COLUMNS)}, found {header}"
+            )
     elif len(next(csv.reader([first]), [])) != len(COLUMNS):
-        raise DataFormatError(f"{csv_path}: no header row and {len(next(csv.reader([first]), []))} columns on line 1; "
-                              f"expected the {len(COLUMNS)} AffectNet columns {list(COLUMNS)}")
+        raise DataFormatError(
+            f"{csv_path}: no header row and {len(next(csv.reader([first]), []))} columns on line 1; "
+            f"expected the {len(COLUMNS)} AffectNet columns {list(COLUMNS)}"
+        )
     wanted = [c for c in COLUMNS if parse_landmarks or c != "facial_landmarks"]
-    options = dict(header=0 if has_header else None, names=None if has_header else list(COLUMNS),
-                   usecols=wanted, keep_default_na=False, na_values=[""], skipinitialspace=True)
+    options = dict(
+        header=0 if has_header else None,
+        names=None if has_header else list(COLUMNS),
+        usecols=wanted,
+        keep_default_na=False,
+        na_values=[""],
+        skipinitialspace=True,
+    )
     try:
         try:
             # Typed parsing in the C reader is about twice as fast as reading text and converting afterwards.
@@ -95,8 +119,9 @@ def _read_csv(csv_path: Path, split: str, images_dir: str, parse_landmarks: bool
             # Text in a number column: read everything as text so that _numbers can name the lines.
             raw = pd.read_csv(csv_path, dtype=str, **options)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataFormatError(f"{csv_path}: not a readable AffectNet CSV ({err}); expected the columns "
-                              f"{list(COLUMNS)}") from err
+        raise DataFormatError(
+            f"{csv_path}: not a readable AffectNet CSV ({err}); expected the columns {list(COLUMNS)}"
+        ) from err
     first_line = 2 if has_header else 1
 
     out = pd.DataFrame({"path": images_dir + "/" + raw["subDirectory_filePath"].astype(str), "split": split})
@@ -122,8 +147,10 @@ def _numbers(col: pd.Series, csv_path: Path, first_line: int, strict: bool = Tru
     bad = values.isna() & col.notna()
     if bad.any():
         lines = (np.flatnonzero(bad.to_numpy()) + first_line)[:5].tolist()
-        raise DataFormatError(f"{csv_path}: column {col.name!r} holds text that is not a number on lines {lines} "
-                              f"(e.g. {col[bad].iloc[0]!r}); fix or remove those rows")
+        raise DataFormatError(
+            f"{csv_path}: column {col.name!r} holds text that is not a number on lines {lines} "
+            f"(e.g. {col[bad].iloc[0]!r}); fix or remove those rows"
+        )
     return values
 
 
@@ -155,8 +182,15 @@ def _parse_all(strings: np.ndarray) -> list[np.ndarray | None] | None:
     blob = "\n".join(strings[good]).encode()
     try:
         # Every line has exactly 136 fields (counted above), so the wide parse cannot shift or truncate a row.
-        grid = pd.read_csv(io.BytesIO(blob), sep=";", header=None, names=list(range(2 * N_LANDMARKS)),
-                           index_col=False, dtype=np.float32, engine="c").to_numpy()
+        grid = pd.read_csv(
+            io.BytesIO(blob),
+            sep=";",
+            header=None,
+            names=list(range(2 * N_LANDMARKS)),
+            index_col=False,
+            dtype=np.float32,
+            engine="c",
+        ).to_numpy()
     except (ValueError, pd.errors.ParserError):
         return None
     if grid.shape[0] != len(good):  # a quoted newline inside a value
@@ -176,8 +210,9 @@ def _parse_one(s: str, csv_path: Path, line: int) -> np.ndarray | None:
     try:
         flat = np.array([float(v) for v in s.split(";")], dtype=np.float32)
     except ValueError as err:
-        raise DataFormatError(f"{csv_path} line {line}: facial_landmarks is not a ';'-separated list of numbers "
-                              f"({str(s)[:60]!r}...)") from err
+        raise DataFormatError(
+            f"{csv_path} line {line}: facial_landmarks is not a ';'-separated list of numbers ({str(s)[:60]!r}...)"
+        ) from err
     # Kept as read when the count is wrong, so that the checks report the shape.
     return flat.reshape(-1, 2) if flat.size % 2 == 0 else flat
 
@@ -192,6 +227,10 @@ def drop_non_expression_rows(df: pd.DataFrame, reader: str) -> pd.DataFrame:
         log.info(
             "%s: dropped %d rows (drop_non_expression=True; set it to false to keep them): "
             "ids 8/9/10 per (split, id): %s; %d more rows with the non-face valence/arousal marker %.0f",
-            reader, int(drop.sum()), by_label.to_dict(), int((non_face_va & ~non_expr).sum()), VA_NONFACE_MARKER,
+            reader,
+            int(drop.sum()),
+            by_label.to_dict(),
+            int((non_face_va & ~non_expr).sum()),
+            VA_NONFACE_MARKER,
         )
     return df.loc[~drop]

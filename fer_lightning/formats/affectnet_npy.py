@@ -48,8 +48,10 @@ def read(
         raise DataFormatError(f"official_val_split: {official_val_split!r} is not 'val' or 'test'")
     root = Path(root)
     if not root.is_dir():
-        raise DataFileNotFoundError(f"data.root: {str(root)!r} does not exist; expected a folder holding "
-                                    f"{' and '.join(SET_DIRS)} (AffectNet 8-labels layout)")
+        raise DataFileNotFoundError(
+            f"data.root: {str(root)!r} does not exist; expected a folder holding "
+            f"{' and '.join(SET_DIRS)} (AffectNet 8-labels layout)"
+        )
     split_of = {"train_set": "train", "val_set": official_val_split}
     present = [d for d in SET_DIRS if (root / d).is_dir()]
     if not present:
@@ -71,8 +73,10 @@ def _read_set(root: Path, set_dir: str, split: str, workers: int) -> pd.DataFram
     img_dir = root / set_dir / "images"
     for folder in (ann_dir, img_dir):
         if not folder.is_dir():
-            raise DataFileNotFoundError(f"{folder} is missing; the affectnet_npy format expects {set_dir}/images/ "
-                                        f"and {set_dir}/annotations/ under {root}")
+            raise DataFileNotFoundError(
+                f"{folder} is missing; the affectnet_npy format expects {set_dir}/images/ "
+                f"and {set_dir}/annotations/ under {root}"
+            )
     ids = _sample_ids(ann_dir)
     if not ids:
         log.warning("%s: no *_exp.npy files; %s contributes no rows", ann_dir, set_dir)
@@ -82,7 +86,7 @@ def _read_set(root: Path, set_dir: str, split: str, workers: int) -> pd.DataFram
         log.warning("%s: %d images have no _exp.npy annotation and are not read", img_dir, unannotated)
 
     t0 = time.perf_counter()
-    chunks = [ids[i:i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
+    chunks = [ids[i : i + _CHUNK] for i in range(0, len(ids), _CHUNK)]
     rows: list[tuple] = []
     missing: Counter[str] = Counter()
     next_report = 0.1
@@ -94,21 +98,28 @@ def _read_set(root: Path, set_dir: str, split: str, workers: int) -> pd.DataFram
                 log.info("%s: read %d/%d annotations (%.0f s)", ann_dir, len(rows), len(ids), time.perf_counter() - t0)
                 next_report += 0.1
     for kind, n in sorted(missing.items()):
-        log.warning("%s: %d samples have no %s file; their %s is left empty (NaN/None)",
-                    ann_dir, n, f"_{kind}.npy", {"val": "valence", "aro": "arousal", "lnd": "landmarks"}[kind])
+        log.warning(
+            "%s: %d samples have no %s file; their %s is left empty (NaN/None)",
+            ann_dir,
+            n,
+            f"_{kind}.npy",
+            {"val": "valence", "aro": "arousal", "lnd": "landmarks"}[kind],
+        )
     log.info("%s: %d samples read in %.1f s", set_dir, len(ids), time.perf_counter() - t0)
 
     label_raw, expression, valence, arousal, landmarks = zip(*rows) if rows else ((),) * 5
     rel_img = f"{set_dir}/images/"
-    return pd.DataFrame({
-        "path": [rel_img + images.get(i, f"{i}.jpg") for i in ids],
-        "split": split,
-        "expression": pd.array(list(expression), dtype="Int64"),
-        "valence": np.asarray(valence, dtype=np.float32),
-        "arousal": np.asarray(arousal, dtype=np.float32),
-        "landmarks": pd.Series(list(landmarks), dtype=object),
-        "label_raw": pd.array(list(label_raw), dtype="string"),
-    })
+    return pd.DataFrame(
+        {
+            "path": [rel_img + images.get(i, f"{i}.jpg") for i in ids],
+            "split": split,
+            "expression": pd.array(list(expression), dtype="Int64"),
+            "valence": np.asarray(valence, dtype=np.float32),
+            "arousal": np.asarray(arousal, dtype=np.float32),
+            "landmarks": pd.Series(list(landmarks), dtype=object),
+            "label_raw": pd.array(list(label_raw), dtype="string"),
+        }
+    )
 
 
 def _sample_ids(ann_dir: Path) -> list[str]:
@@ -150,13 +161,16 @@ def _load_npy(path: Path) -> np.ndarray:
         if buf[:6] != b"\x93NUMPY":
             raise ValueError("not a .npy file (bad magic bytes)")
         size_bytes = 2 if buf[6] == 1 else 4
-        end = 8 + size_bytes + int.from_bytes(buf[8:8 + size_bytes], "little")
+        end = 8 + size_bytes + int.from_bytes(buf[8 : 8 + size_bytes], "little")
         spec = _HEADER_CACHE.get(buf[6:end])
         if spec is None:
             fp = io.BytesIO(buf)
             version = np.lib.format.read_magic(fp)
-            spec = (np.lib.format.read_array_header_1_0(fp) if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0(fp))
+            spec = (
+                np.lib.format.read_array_header_1_0(fp)
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0(fp)
+            )
             if spec[2].hasobject:
                 raise ValueError("object arrays (pickles) are not read")
             _HEADER_CACHE[buf[6:end]] = spec

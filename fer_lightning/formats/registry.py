@@ -60,8 +60,13 @@ def read_records(format: str, root: str | Path, **options) -> pd.DataFrame:
         if bad:
             raise DataFormatError(f"format {format}: split names {bad} are not one of {list(SPLITS)}")
     records = make_records(df)
-    log.info("read %d records from %s (format %s): %s", len(records), root, format,
-             records["split"].value_counts(sort=False).to_dict())
+    log.info(
+        "read %d records from %s (format %s): %s",
+        len(records),
+        root,
+        format,
+        records["split"].value_counts(sort=False).to_dict(),
+    )
     return records
 
 

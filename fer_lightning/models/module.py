@@ -63,9 +63,7 @@ class FERModule(pl.LightningModule):
         # settable after loading (fer-eval / fer-predict eval.tta=...)
         self.tta = check_tta(tta)
         bb = dict(backbone)
-        self.backbone, feat_dim = build_backbone(
-            bb.pop("name"), in_channels=channels, image_size=image_size, **bb
-        )
+        self.backbone, feat_dim = build_backbone(bb.pop("name"), in_channels=channels, image_size=image_size, **bb)
         self.head = MultiTaskHead(
             feat_dim, self.num_classes, va=va, landmarks=landmarks, dropout=head_dropout, hidden=head_hidden
         )
