@@ -373,12 +373,18 @@ class RunSession:
         return distributed.trainer_kwargs(self.cfg)
 
     def close(self, logger: Any, error: BaseException | None) -> None:
-        """End the MLflow run and run.json: FINISHED, FAILED, or KILLED when the SLURM job was requeued."""
-        from fer_lightning.slurm import Requeued
+        """End the MLflow run and run.json: FINISHED, FAILED, or KILLED when the SLURM job was requeued.
 
+        A requeue must end the process as a requeue even when the shutdown raised something else on the way
+        (a rank whose peer already left gets a gloo "connection closed" in teardown): the Requeued is raised
+        again, or a sweep would record the job as failed and submitit would report this attempt's result.
+        """
+        from fer_lightning.slurm import requeue_in
+
+        requeued = requeue_in(error)
         if error is None:
             status, state = "FINISHED", "finished"
-        elif isinstance(error, Requeued):
+        elif requeued is not None:
             status, state = "KILLED", "requeued"
         else:
             status, state = "FAILED", "failed"
@@ -386,3 +392,5 @@ class RunSession:
             self.record.status = state
             self.record.write(self.output_dir / RUN_FILE)
         tracking.end_run(logger, status)
+        if requeued is not None and requeued is not error:
+            raise requeued

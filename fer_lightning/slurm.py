@@ -43,6 +43,17 @@ class Requeued(BaseException):
     """
 
 
+def requeue_in(error: BaseException | None) -> Requeued | None:
+    """The Requeued behind an exception (itself, or what it was raised while handling), if any."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, Requeued):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def job_resources(trainer_cfgs: Sequence[Any], params: dict[str, Any]) -> dict[str, Any]:
     """sbatch resources (tasks_per_node, nodes, gpus_per_node) for the jobs' trainer configs; one set per launch."""
     found = {}

@@ -17,10 +17,12 @@ from cli_runs import (
     train_env,
     training_runs,
 )
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
 
 from fer_lightning.config import ConfigError
-from fer_lightning.distributed import reruns_command_line
+from fer_lightning.distributed import check_launch, reruns_command_line
 from fer_lightning.train import train
 
 # What makes 2 ranks x 16 the same computation as 1 process x 32:
@@ -44,6 +46,7 @@ EQUIVALENT = [
 # only the summation order differs (two half-batch gradients averaged): float32 rounding, far below 1e-4
 TOLERANCE = 1e-4
 TIMEOUT_S = 300
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture
@@ -113,6 +116,7 @@ def test_two_rank_ddp_equals_one_process_and_logs_one_run(
     assert max_weight_difference(state_dict(run_dir / "checkpoints" / "last.ckpt"), ref_ckpt["state_dict"]) < TOLERANCE
 
 
+@pytest.mark.slow  # ~1 min: every fit and test spawns two fresh interpreters
 def test_local_sweep_with_ddp_spawn_runs_each_job_once(tmp_path, shared_cache, mlflow_template_db):
     root = tmp_path / "sweep"
     root.mkdir()
@@ -126,6 +130,7 @@ def test_local_sweep_with_ddp_spawn_runs_each_job_once(tmp_path, shared_cache, m
     assert len(list((root / "multirun").rglob("last.ckpt"))) == 1
 
 
+@pytest.mark.slow  # the same check as test_ddp_in_a_multirun_is_refused, through the real CLI
 def test_local_sweep_with_ddp_is_refused_before_anything_runs(tmp_path, shared_cache, mlflow_template_db):
     root = tmp_path / "refused"
     root.mkdir()
@@ -140,6 +145,19 @@ def test_local_sweep_with_ddp_is_refused_before_anything_runs(tmp_path, shared_c
     assert "would start the whole sweep again" in output and "trainer=ddp_spawn" in output
     assert not list(root.rglob("*.ckpt"))  # refused before any training
     assert "Starting with 2 processes" not in output
+
+
+def test_ddp_in_a_multirun_is_refused(make_cfg):
+    cfg = make_cfg("trainer=ddp", "logger=none")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose("train", overrides=["hydra.mode=MULTIRUN"], return_hydra_config=True)
+    HydraConfig.instance().set_config(hydra_cfg)
+    try:
+        with pytest.raises(ConfigError, match="would start the whole sweep again.*trainer=ddp_spawn"):
+            check_launch(cfg)
+        check_launch(make_cfg("trainer=ddp_spawn", "logger=none"))  # the working combination passes
+    finally:
+        HydraConfig.instance().cfg = None
 
 
 def test_ddp_from_python_is_refused_with_the_alternative(make_cfg):

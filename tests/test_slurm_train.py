@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from fer_lightning.config import ConfigError
-from fer_lightning.resume import RUN_FILE
-from fer_lightning.slurm import job_resources
+from fer_lightning.resume import RUN_FILE, RunSession
+from fer_lightning.slurm import Requeued, job_resources, requeue_in
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EPOCHS = 5
@@ -71,6 +71,23 @@ def test_job_resources_one_task_per_device(trainer, params, expected):
 def test_job_resources_refuse_what_slurm_cannot_allocate(trainers, params, match):
     with pytest.raises(ConfigError, match=match):
         job_resources(trainers, params)
+
+
+def test_a_requeue_hidden_by_a_teardown_error_still_ends_as_a_requeue(make_cfg):
+    run = RunSession(make_cfg("logger=none"))
+    run.attach(None)
+    requeue = Requeued("requeued")
+    try:
+        try:
+            raise requeue
+        except Requeued:
+            raise RuntimeError("gloo: Connection closed by peer")  # noqa: B904 (as a DDP teardown does)
+    except RuntimeError as err:
+        with pytest.raises(Requeued) as raised:
+            run.close(None, err)
+    assert raised.value is requeue
+    assert json.loads((run.output_dir / RUN_FILE).read_text())["status"] == "requeued"
+    assert requeue_in(ValueError("x")) is None
 
 
 # ------------------------------------------------------------------------------ on the local cluster
@@ -129,9 +146,9 @@ def test_ddp_training_on_slurm_is_preempted_requeued_and_resumed_into_its_run(
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, timeout=30)
         output, _ = proc.communicate(timeout=TIMEOUT_S)
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # the test failed or timed out: leave nothing running
             proc.kill()
-        subprocess.run(["scancel", f"--name={job_name}"], timeout=30, check=False)
+            subprocess.run(["scancel", f"--name={job_name}"], timeout=30, check=False)
     assert proc.returncode == 0, output[-6000:]
     logs = "\n".join(p.read_text() for p in job_dir.parent.glob(f".submitit/{job_id}/*_log.*"))
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in logs  # two ranks, from SLURM
@@ -141,7 +158,7 @@ def test_ddp_training_on_slurm_is_preempted_requeued_and_resumed_into_its_run(
     runs = training_runs(uri)
     assert len(runs) == 1, [(r.info.run_name, r.info.status) for r in runs]
     run = runs[0]
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and "sweep.error" not in run.data.tags
     assert run.data.tags["resume.count"] == "1" and run.data.tags["resume.reason"] == "SLURM requeue #1"
     assert run.data.params["trainer.devices"] == "2" and run.data.tags["output_dir"] == str(job_dir)
     client = MlflowClient(tracking_uri=uri)
