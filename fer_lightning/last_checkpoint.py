@@ -48,10 +48,12 @@ class LastCheckpoint(Checkpoint):
 
     @property
     def path(self) -> Path:
+        """Where last.ckpt is written."""
         return self.dirpath / LAST_NAME
 
     @property
     def state_key(self) -> str:
+        """One instance per trainer: a fixed key (the settings may change between a run and its resume)."""
         return "LastCheckpoint"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -66,7 +68,7 @@ class LastCheckpoint(Checkpoint):
         if self.train_time_interval_s is not None:
             late = time.monotonic() - self._last_save >= self.train_time_interval_s
             # every rank must take the same decision, or some would wait alone in the save's barrier
-            due = due or bool(trainer.strategy.broadcast(late, src=0))
+            due = due or trainer.strategy.reduce_boolean_decision(late, all=False)
         if due:
             self.save(trainer)
 

@@ -140,6 +140,7 @@ class ResumePoint:
 
     @property
     def checkpoint(self) -> Path:
+        """The run's last.ckpt."""
         return self.run_dir / CHECKPOINT_DIR / LAST_NAME
 
 
@@ -305,6 +306,7 @@ class RunSession:
 
     @property
     def resuming(self) -> bool:
+        """True when this run continues an earlier one."""
         return self.point is not None
 
     @property
