@@ -167,7 +167,8 @@ def test_unknown_name_and_option():
     with pytest.raises(ConfigError, match="unknown backbone 'vit'.*resnet18"):
         build_backbone("vit")
     with pytest.raises(
-        ConfigError, match="backbone.depth is not an option of backbone 'simple_cnn'; its options are: widths"
+        ConfigError,
+        match="backbone.depth is not an option of backbone .simple_cnn.; its options are: widths, stem_stride",
     ):
         build_backbone("simple_cnn", depth=3)
     model, feat_dim = build_backbone("small_resnet", in_channels=1, image_size=48, widths=[16, 32], blocks_per_stage=2)
@@ -327,3 +328,21 @@ def test_backbone_and_head_train_together():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_simple_cnn_strided_stem_replaces_first_pool():
+    # stem_stride=2: the first block halves the size by its stride (no max-pool), the others pool as before
+    plain, _ = build_backbone("simple_cnn", in_channels=3, image_size=64, widths=[8, 8, 8], stem_stride=1)
+    strided, dim = build_backbone("simple_cnn", in_channels=3, image_size=64, widths=[8, 8, 8], stem_stride=2)
+    convs = [m for m in strided.modules() if isinstance(m, torch.nn.Conv2d)]
+    pools = [m for m in strided.modules() if isinstance(m, torch.nn.MaxPool2d)]
+    assert [c.stride for c in convs] == [(2, 2), (1, 1), (1, 1)] and len(pools) == 2
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in plain.modules()) == 3
+    x = torch.randn(2, 3, 64, 64)
+    # spatial size just before global pooling: 64 -> 32 (stride) -> 16 -> 8 (pools)
+    assert strided[:-2](x).shape == (2, 8, 8, 8) and plain[:-2](x).shape == (2, 8, 8, 8)
+    assert dim == 8 and strided(x).shape == (2, 8)
+    with pytest.raises(ConfigError, match=r"backbone.stem_stride=0 must be a positive integer"):
+        build_backbone("simple_cnn", stem_stride=0)
+    with pytest.raises(ConfigError, match=r"data.image_size=16 is too small for 4 downsampling blocks \(needs 32\)"):
+        build_backbone("simple_cnn", image_size=16, widths=[8, 8, 8, 8], stem_stride=4)

@@ -153,7 +153,8 @@ TINY = [
 
 EXPECTED = [
     "data_naive_1w_img_s", "data_naive_all_img_s", "data_cold_1w_img_s", "data_cold_all_img_s",
-    "data_warm_1w_img_s", "data_warm_all_img_s", "data_warm_augment_1w_img_s", "data_warm_1w_host_normalize_img_s",
+    "data_warm_1w_img_s", "data_warm_all_img_s", "data_warm_augment_1w_img_s", "data_warm_augment_strong_1w_img_s",
+    "data_warm_1w_host_normalize_img_s",
     "data_speedup_warm_vs_naive", "data_speedup_warm_vs_naive_host_normalize",
     "data_speedup_warm_vs_naive_all", "data_speedup_cold_vs_naive", "data_speedup_cold_vs_naive_all", "cache_mb",
     "jpeg_mb", "train_step_ms_lightning", "train_step_ms_plain", "lightning_overhead_pct",

@@ -214,8 +214,8 @@ def freeze_first(module: nn.Module, fraction: float) -> int:
     return count
 
 
-def _conv_bn_act(cin: int, cout: int, k: int, act: nn.Module) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), act]
+def _conv_bn_act(cin: int, cout: int, k: int, act: nn.Module, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, k, stride=stride, padding=k // 2, bias=False), nn.BatchNorm2d(cout), act]
 
 
 def _check_size(x: Tensor, image_size: int, name: str) -> None:
@@ -228,19 +228,30 @@ def _check_size(x: Tensor, image_size: int, name: str) -> None:
 
 @register_backbone("simple_cnn", min_image_size=16)
 def simple_cnn(
-    in_channels: int, image_size: int, *, widths: Sequence[int] = (32, 64, 128, 256)
+    in_channels: int, image_size: int, *, widths: Sequence[int] = (32, 64, 128, 256), stem_stride: int = 1
 ) -> tuple[nn.Module, int]:
-    """Small fast CNN: conv3x3-BN-ReLU-maxpool blocks, then global average pooling."""
+    """Small fast CNN: conv3x3-BN-ReLU-maxpool blocks, then global average pooling.
+
+    stem_stride > 1 makes the first block downsample with its convolution's stride instead of a max-pool, so a
+    larger input (more detail for small features such as brows) costs about what a smaller one did.
+    """
     widths = tuple(int(w) for w in widths)
-    if image_size < 2 ** len(widths):
+    stem_stride = int(stem_stride)
+    if stem_stride < 1:
+        raise ConfigError(f"backbone.stem_stride={stem_stride} must be a positive integer (1 = no strided stem)")
+    needed = 2 ** len(widths) if stem_stride == 1 else stem_stride * 2 ** (len(widths) - 1)
+    if image_size < needed:
         raise ConfigError(
-            f"data.image_size={image_size} is too small for {len(widths)} pooling blocks "
-            f"(needs {2 ** len(widths)}); shorten backbone.widths or raise data.image_size"
+            f"data.image_size={image_size} is too small for {len(widths)} downsampling blocks "
+            f"(needs {needed}); shorten backbone.widths, lower backbone.stem_stride or raise data.image_size"
         )
     layers: list[nn.Module] = []
     cin = in_channels
-    for w in widths:
-        layers += [*_conv_bn_act(cin, w, 3, nn.ReLU(inplace=True)), nn.MaxPool2d(2)]
+    for i, w in enumerate(widths):
+        if i == 0 and stem_stride > 1:
+            layers += _conv_bn_act(cin, w, 3, nn.ReLU(inplace=True), stride=stem_stride)
+        else:
+            layers += [*_conv_bn_act(cin, w, 3, nn.ReLU(inplace=True)), nn.MaxPool2d(2)]
         cin = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     return nn.Sequential(*layers), cin
