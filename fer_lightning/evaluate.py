@@ -106,7 +106,9 @@ def build_eval_datamodule(cfg: DictConfig, hparams: dict[str, Any], seed: int) -
     data["channels"] = int(pre.get("channels", hparams["channels"]))
     if "draft" in pre:
         data["draft"] = bool(pre["draft"])
-    return FERDataModule(data, seed=seed, cache_dir=cfg.paths.cache_dir, landmarks=bool(hparams.get("landmarks")))
+    return FERDataModule(
+        data, seed=seed, cache_dir=cfg.paths.cache_dir, landmarks=bool(hparams.get("landmarks")), test_only=True
+    )
 
 
 def _load_test_records(dm: FERDataModule, cfg: DictConfig, va_mode: str | bool, has_va_head: bool) -> pd.DataFrame:

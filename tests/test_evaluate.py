@@ -125,6 +125,23 @@ def test_cross_dataset_eval_uses_the_checkpoints_preprocessing(trained, tmp_path
         evaluate(_eval_cfg(trained, str(tmp_path / "eval_va"), *data, "eval.va=true", "logger=none"))
 
 
+def test_a_test_only_data_set_is_scored(trained, tmp_path):
+    # a release that ships only test/ (nothing to train on, nothing to hold out): evaluation needs no more
+    for i, name in enumerate(EXPRESSIONS_8):
+        write_class_folder(tmp_path / "only_test", "test", name, 2, seed=10 + i)
+    data = ["data=image_folder", f"data.root={tmp_path / 'only_test'}", f"data.classes=[{','.join(EXPRESSIONS_8)}]"]
+    cfg = _eval_cfg(trained, str(tmp_path / "eval_only_test"), *data, "logger=none")
+    metrics = evaluate(cfg)
+    pred = pd.read_csv(Path(cfg.paths.output_dir) / "predictions_test.csv")
+    assert len(pred) == 16 and metrics["test/accuracy"] == pytest.approx(accuracy_score(pred.true, pred.predicted))
+    # training on the same folder still says what is missing
+    from fer_lightning.data.datamodule import DataConfigError, FERDataModule
+
+    dm = FERDataModule({**dict(cfg.data), "classes": list(EXPRESSIONS_8)}, cache_dir=tmp_path / "cache")
+    with pytest.raises(DataConfigError, match="no rows in split 'train'"):
+        dm.load_records()
+
+
 def test_bad_checkpoints_and_mismatches_are_clear_errors(trained, tmp_path):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_bytes(b"not a checkpoint at all" * 10)

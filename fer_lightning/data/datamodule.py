@@ -52,7 +52,10 @@ class FERDataModule(pl.LightningDataModule):
         seed: int = 0,
         cache_dir: str | Path = "data_cache",
         landmarks: bool = False,
+        test_only: bool = False,
     ):
+        """test_only: evaluation of the test split alone (fer-eval); a data set that ships only a test split is
+        then accepted, and no validation hold-out is carved from train."""
         super().__init__()
         self.cfg = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.sampling = sampling
@@ -60,6 +63,7 @@ class FERDataModule(pl.LightningDataModule):
         self.seed = int(seed)
         self.cache_dir = Path(cache_dir)
         self.landmarks = landmarks
+        self.test_only = bool(test_only)
         self.taxonomy = Taxonomy(self.cfg.get("extra_classes") or ())
         self.class_ids = self.taxonomy.resolve_classes(self.cfg["classes"])
         self.class_names = [self.taxonomy.name_of(c) for c in self.class_ids]
@@ -116,13 +120,17 @@ class FERDataModule(pl.LightningDataModule):
             decode=str(self.cfg.get("checks_decode", "header")),
         )
         split_file = self.cfg.get("split_file")
-        records = self._load_split(records, split_file) if split_file else self._split(records, needs_split)
+        if split_file:
+            records = self._load_split(records, split_file)
+        elif needs_split or not self.test_only:
+            # a data set without splits is split as in training (same seed, same fractions -> same test rows)
+            records = self._split(records, needs_split)
         if self.cfg.get("fold"):
             from fer_lightning.kfold import fold_records
 
             # k-fold cross-validation (cv.folds, set by kfold.run_kfold): one fold of train+val is val
             records = fold_records(records, **dict(self.cfg["fold"]))
-        for split in ("train", "val"):
+        for split in () if self.test_only else ("train", "val"):
             if not (records["split"] == split).any():
                 raise DataConfigError(
                     f"the {split} split is empty after reading {self.root} (format {self.cfg['format']}, "
