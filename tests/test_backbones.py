@@ -346,3 +346,15 @@ def test_simple_cnn_strided_stem_replaces_first_pool():
         build_backbone("simple_cnn", stem_stride=0)
     with pytest.raises(ConfigError, match=r"data.image_size=16 is too small for 4 downsampling blocks \(needs 32\)"):
         build_backbone("simple_cnn", image_size=16, widths=[8, 8, 8, 8], stem_stride=4)
+
+
+def test_small_resnet_strided_stem_halves_the_input_first():
+    x = torch.randn(2, 1, 48, 48)
+    full, _ = build_backbone("small_resnet", in_channels=1, image_size=48, widths=[8, 16])
+    strided, dim = build_backbone("small_resnet", in_channels=1, image_size=48, widths=[8, 16], stem_stride=2)
+    assert full[0].stride == (1, 1) and strided[0].stride == (2, 2)
+    # stem 48 -> 24 (stride 2), second stage -> 12; without the strided stem: 48 -> 48 -> 24
+    assert strided[:-2](x).shape == (2, 16, 12, 12) and full[:-2](x).shape == (2, 16, 24, 24)
+    assert dim == 16 and strided(x).shape == (2, 16)
+    with pytest.raises(ConfigError, match=r"backbone.stem_stride=0 must be a positive integer"):
+        build_backbone("small_resnet", stem_stride=0)

@@ -267,7 +267,7 @@ def test_hflip_tta_in_the_test_step_averages_the_two_passes():
 def test_small_gray48_is_the_promised_recipe(make_cfg):
     cfg = make_cfg("experiment=small_gray48", debug=None)
     assert (cfg.data.image_size, cfg.data.channels) == (48, 1)
-    assert cfg.backbone.name == "small_resnet" and cfg.loss.label_smoothing == 0.1
+    assert cfg.backbone.name == "small_resnet" and cfg.backbone.stem_stride == 2 and cfg.loss.label_smoothing == 0.1
     assert cfg.augment.hflip == 0.5 and cfg.augment.translate > 0 and cfg.augment.rotation == 0
     assert cfg.model.optimizer._target_ == "torch.optim.AdamW" and cfg.model.optimizer.weight_decay > 0
     assert cfg.model.scheduler.factory._target_ == "torch.optim.lr_scheduler.OneCycleLR"

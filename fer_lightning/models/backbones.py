@@ -284,12 +284,16 @@ def small_resnet(
     *,
     widths: Sequence[int] = (32, 64, 128, 256),
     blocks_per_stage: int = 1,
+    stem_stride: int = 1,
 ) -> tuple[nn.Module, int]:
-    """Small residual CNN for 48x48 faces: 3x3 stem at full resolution, one stride-2 stage per width after the first."""
+    """Small residual CNN for 48x48 faces: a 3x3 stem (stride stem_stride), then one stage of residual blocks per
+    width, each stage after the first starting with a stride-2 block; global average pooling at the end."""
     widths = tuple(int(w) for w in widths)
     if not widths or blocks_per_stage < 1:
         raise ConfigError("backbone.widths must be non-empty and backbone.blocks_per_stage >= 1")
-    layers: list[nn.Module] = _conv_bn_act(in_channels, widths[0], 3, nn.ReLU(inplace=True))
+    if int(stem_stride) < 1:
+        raise ConfigError(f"backbone.stem_stride={stem_stride} must be a positive integer (1 = full-resolution stem)")
+    layers: list[nn.Module] = _conv_bn_act(in_channels, widths[0], 3, nn.ReLU(inplace=True), stride=int(stem_stride))
     cin = widths[0]
     for stage, w in enumerate(widths):
         for block in range(blocks_per_stage):
