@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from fer_lightning.data.images import ImageDecodeError, _to_8bit
+from fer_lightning.data.images import ImageDecodeError, to_8bit
 
 CASCADE = "haarcascade_frontalface_default.xml"
 
@@ -93,7 +93,7 @@ def upright_gray(path: str | Path) -> np.ndarray:
         with Image.open(path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
-            return np.asarray(_to_8bit(img, 1, path), dtype=np.uint8)
+            return np.asarray(to_8bit(img, 1, path), dtype=np.uint8)
     except ImageDecodeError:
         raise
     except Exception as e:  # PIL raises a zoo (OSError, SyntaxError, ValueError, ...)

@@ -128,7 +128,7 @@ def _decode(
     cx1, cy1 = max(min(crop[2], img.size[0]), cx0 + 1), max(min(crop[3], img.size[1]), cy0 + 1)
     if (cx0, cy0, cx1, cy1) != (0, 0, *img.size):
         img = img.crop((cx0, cy0, cx1, cy1))
-    img = _to_8bit(img, channels, path)
+    img = to_8bit(img, channels, path)
     if img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR)
     return img
@@ -162,7 +162,7 @@ def _round_half_up(v: float) -> int:
     return int(math.floor(v + 0.5))
 
 
-def _to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
+def to_8bit(img: Image.Image, channels: int, path: Path) -> Image.Image:
     """Convert any PIL mode to 'L' (channels=1) or 'RGB' (channels=3) by one chain chosen from the mode."""
     mode = img.mode
     if mode in _SIXTEEN_BIT or mode == "I":
