@@ -54,8 +54,8 @@ class FERDataModule(pl.LightningDataModule):
         landmarks: bool = False,
         test_only: bool = False,
     ):
-        """test_only: evaluation of the test split alone (fer-eval); a data set that ships only a test split is
-        then accepted, and no validation hold-out is carved from train."""
+        """test_only: evaluation of the test split alone (fer-eval); a data set that ships only a test split (no
+        train rows to hold a validation split out of) is then accepted as it is."""
         super().__init__()
         self.cfg = OmegaConf.to_container(data, resolve=True) if isinstance(data, DictConfig) else dict(data)
         self.sampling = sampling
@@ -122,8 +122,9 @@ class FERDataModule(pl.LightningDataModule):
         split_file = self.cfg.get("split_file")
         if split_file:
             records = self._load_split(records, split_file)
-        elif needs_split or not self.test_only:
-            # a data set without splits is split as in training (same seed, same fractions -> same test rows)
+        elif needs_split or not self.test_only or (records["split"] == "train").any():
+            # as in training (same seed and fractions -> same rows, same data fingerprint); only a data set that
+            # ships a test split alone (test_only evaluation) is left as it is
             records = self._split(records, needs_split)
         if self.cfg.get("fold"):
             from fer_lightning.kfold import fold_records
