@@ -35,6 +35,16 @@ def mlflow_template_db(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """In-process runs with one thread, like the subprocesses of the DDP/resume tests (OMP_NUM_THREADS=1): the
+    same float summation order, so their metrics can be compared with in-process runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def mlflow_db(tmp_path: Path, mlflow_template_db: Path) -> str:
     """Tracking URI of a private SQLite store in tmp_path/mlruns, copied from the migrated template."""
     target = tmp_path / "mlruns" / "mlflow.db"

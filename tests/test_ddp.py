@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from cli_runs import (
     train_env,
     training_runs,
 )
+from eval_helpers import private_store
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
@@ -49,22 +49,6 @@ TIMEOUT_S = 300
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture
-def one_thread():
-    """In-process runs with one thread, like the subprocesses (OMP_NUM_THREADS=1): same float sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _store(root: Path, template: Path) -> str:
-    db = root / "mlruns" / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(template, db)
-    return f"sqlite:///{db}"
-
-
 def _final_metrics(uri: str, run_id: str) -> dict[str, float]:
     metrics = MlflowClient(tracking_uri=uri).get_run(run_id).data.metrics
     return {k: v for k, v in metrics.items() if k.startswith(("val/", "test/"))}
@@ -75,7 +59,7 @@ def test_two_rank_ddp_equals_one_process_and_logs_one_run(
 ):
     root = tmp_path / "ddp"
     root.mkdir()
-    uri = _store(root, mlflow_template_db)
+    uri = private_store(root, mlflow_template_db)
     overrides = [*base_overrides(root, shared_cache, uri), *EQUIVALENT, "trainer=ddp", "trainer.devices=2"]
     overrides.append("data.batch_size=16")  # per rank: global batch 32
     ddp = subprocess.Popen(
@@ -120,7 +104,7 @@ def test_two_rank_ddp_equals_one_process_and_logs_one_run(
 def test_local_sweep_with_ddp_spawn_runs_each_job_once(tmp_path, shared_cache, mlflow_template_db):
     root = tmp_path / "sweep"
     root.mkdir()
-    uri = _store(root, mlflow_template_db)
+    uri = private_store(root, mlflow_template_db)
     overrides = [*base_overrides(root, shared_cache, uri), "trainer=ddp_spawn", "trainer.max_epochs=1", "seed=5"]
     run_train(root, overrides, timeout=TIMEOUT_S, multirun=True)
     # a rank that re-ran the command line would have started the sweep again: more runs than jobs
@@ -134,7 +118,7 @@ def test_local_sweep_with_ddp_spawn_runs_each_job_once(tmp_path, shared_cache, m
 def test_local_sweep_with_ddp_is_refused_before_anything_runs(tmp_path, shared_cache, mlflow_template_db):
     root = tmp_path / "refused"
     root.mkdir()
-    uri = _store(root, mlflow_template_db)
+    uri = private_store(root, mlflow_template_db)
     overrides = [*base_overrides(root, shared_cache, uri), "trainer=ddp", "seed=5"]
     proc = subprocess.run(
         train_command(*overrides, multirun=True), cwd=root, env=train_env(root), capture_output=True, text=True,

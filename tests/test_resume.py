@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -24,6 +23,7 @@ from cli_runs import (
     train_env,
     training_runs,
 )
+from eval_helpers import private_store
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
@@ -52,15 +52,6 @@ TOLERANCE = 1e-6
 # epoch means of the train stage of an interrupted epoch average only the batches after the resume
 # (Lightning does not checkpoint its running epoch aggregates)
 EPOCH_AGGREGATES = ("train/loss_epoch", "train/loss_expression_epoch", "train/loss_va_epoch", "train/accuracy")
-
-
-@pytest.fixture
-def one_thread():
-    """In-process runs with one thread, like the subprocesses (OMP_NUM_THREADS=1): identical float sums."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _checkpoint_info(path: Path) -> dict[str, int]:
@@ -123,9 +114,7 @@ def test_killed_twice_and_resumed_equals_uninterrupted_run(
     tmp_path, make_cfg, shared_cache, mlflow_template_db, mlflow_db, one_thread
 ):
     root = tmp_path / "crash"
-    (root / "mlruns").mkdir(parents=True)
-    shutil.copy(mlflow_template_db, root / "mlruns" / "mlflow.db")
-    uri = f"sqlite:///{root / 'mlruns' / 'mlflow.db'}"
+    uri = private_store(root, mlflow_template_db)
     overrides = [*base_overrides(root, shared_cache, uri), *RUN]
 
     first = _start(root, overrides)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import slurm_helpers as sh
 from cli_runs import base_overrides, history, train_command, train_env, training_runs
+from eval_helpers import private_store
 from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
@@ -116,9 +116,7 @@ def test_ddp_training_on_slurm_is_preempted_requeued_and_resumed_into_its_run(
     tmp_path, shared_cache, mlflow_template_db
 ):
     sh.require_cluster()
-    (tmp_path / "mlruns").mkdir()
-    shutil.copy(mlflow_template_db, tmp_path / "mlruns" / "mlflow.db")
-    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    uri = private_store(tmp_path, mlflow_template_db)
     job_name = f"fer-train-{tmp_path.name}"
     overrides = [
         *base_overrides(tmp_path, shared_cache, uri),
