@@ -60,6 +60,64 @@ def class_weights(
     return w.to(torch.float32)
 
 
+MAX_WEIGHT_RATIO = 100.0
+
+
+def beta_for_ratio(counts: Sequence[int], ratio: float = MAX_WEIGHT_RATIO) -> float | None:
+    """The class_balanced beta whose max/min weight equals `ratio`; None when no beta in [0, 1) exceeds it.
+
+    The ratio E(n_max) / E(n_min) of effective numbers grows monotonically from 1 (beta = 0) toward n_max / n_min
+    (beta -> 1), so a bisection over log(1 - beta) finds it.
+    """
+    n = [int(c) for c in counts if int(c) > 0]
+    if len(n) < 2 or max(n) / min(n) <= ratio:
+        return None
+    lo, hi = min(n), max(n)
+
+    def weight_ratio(log10_gap: float) -> float:
+        gap = 10.0**log10_gap  # 1 - beta
+        log_beta = math.log1p(-gap)
+        return math.expm1(hi * log_beta) / math.expm1(lo * log_beta)
+
+    a, b = -12.0, 0.0  # beta = 1 - 1e-12 (ratio near n_max / n_min) .. beta = 0 (ratio 1)
+    for _ in range(100):
+        mid = (a + b) / 2
+        if weight_ratio(mid) > ratio:
+            a = mid
+        else:
+            b = mid
+    return 1.0 - 10.0**b
+
+
+def weight_table(counts: Sequence[int], weights: Tensor | None, names: Sequence[str]) -> str:
+    """Per-class training count and loss weight, one line per class, for the start-up log."""
+    lines = [f"  {'class':<14} {'train n':>8} {'weight':>9}"]
+    for i, (name, c) in enumerate(zip(names, counts)):
+        w = 1.0 if weights is None else float(weights[i])
+        lines.append(f"  {str(name):<14} {int(c):>8d} {w:>9.4f}")
+    return "\n".join(lines)
+
+
+def weight_ratio_warning(counts: Sequence[int], weights: Tensor | None, scheme: str, beta: float) -> str | None:
+    """A warning when the largest class weight exceeds MAX_WEIGHT_RATIO times the smallest, with the capping beta."""
+    if weights is None or weights.numel() < 2 or float(weights.min()) <= 0:
+        return None
+    ratio = float(weights.max() / weights.min())
+    if ratio <= MAX_WEIGHT_RATIO:
+        return None
+    capped = beta_for_ratio(counts, MAX_WEIGHT_RATIO)
+    fix = (
+        f"loss=class_balanced loss.beta={capped:.6g} caps it at {MAX_WEIGHT_RATIO:g}"
+        if capped is not None
+        else "a smaller loss.beta lowers it"
+    )
+    what = f"loss.weighting={scheme}" + (f" with loss.beta={beta:g}" if scheme == "class_balanced" else "")
+    return (
+        f"{what} gives class weights {ratio:.0f}x apart (max/min): a few rare samples dominate the gradient and "
+        f"the training can become unstable; {fix}"
+    )
+
+
 def _check_finite(key: str, value: float) -> None:
     if not (isinstance(value, (int, float)) and math.isfinite(value)):
         raise ConfigError(f"{key} must be a finite number (got {value!r})")
@@ -131,7 +189,13 @@ class ExpressionLoss(nn.Module):
         self.ignore_index = int(ignore_index)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Mean loss over non-ignored targets, weighted like F.cross_entropy: sum(w_y * l) / sum(w_y)."""
+        """Weighted mean over non-ignored targets: sum_i(w_{y_i} * l_i) / sum_i(w_{y_i}).
+
+        l_i is sample i's whole loss (smoothed cross-entropy, focal-modulated when gamma > 0) and w_{y_i} the weight
+        of its target class. The weight scales the sample, never the classes inside the smoothing term: weighting
+        those (as F.cross_entropy(weight=..., label_smoothing=...) does) pulls every prediction toward the rare
+        classes when the weights differ by orders of magnitude.
+        """
         if logits.ndim != 2 or target.shape != logits.shape[:1]:
             raise ValueError(
                 f"ExpressionLoss: expected logits (B, C) and target (B,), got {tuple(logits.shape)} "
@@ -144,29 +208,31 @@ class ExpressionLoss(nn.Module):
                 f"{num_classes} logits: compute the weights from the same data.classes"
             )
         keep = target != self.ignore_index
-        if not bool(keep.any()):
-            return logits.sum() * 0.0
-        y = target[keep].long()
-        if bool(((y < 0) | (y >= num_classes)).any()):
-            bad = y[(y < 0) | (y >= num_classes)][0].item()
-            raise ValueError(
-                f"ExpressionLoss: target {bad} is outside [0, {num_classes}) and is not ignore_index "
-                f"({self.ignore_index})"
-            )
+        if target.device.type == "cpu":
+            # the range check reads values on the host: free on the CPU, a device sync elsewhere, so CPU only
+            bad = keep & ((target < 0) | (target >= num_classes))
+            if bool(bad.any()):
+                raise ValueError(
+                    f"ExpressionLoss: target {int(target[bad][0])} is outside [0, {num_classes}) and is not "
+                    f"ignore_index ({self.ignore_index})"
+                )
+        # masks as products, never boolean indexing: indexing needs the count on the host (a sync every step)
+        y = torch.where(keep, target, torch.zeros_like(target)).long()
         # float32 even under autocast: log-softmax of bf16 logits loses the small probabilities focal needs.
-        logp = F.log_softmax(logits[keep].float(), dim=1)
-        w = self.weights if self.weights is not None else torch.ones(num_classes, device=logp.device)
-        w = w.to(logp.device)
-        w_y = w[y]
+        logp = F.log_softmax(logits.float(), dim=1)
         logp_y = logp.gather(1, y[:, None]).squeeze(1)
-        per_sample = -(1.0 - self.label_smoothing) * w_y * logp_y
+        per_sample = -(1.0 - self.label_smoothing) * logp_y
         if self.label_smoothing > 0:
-            per_sample = per_sample - (self.label_smoothing / num_classes) * (logp * w).sum(dim=1)
+            per_sample = per_sample - (self.label_smoothing / num_classes) * logp.sum(dim=1)
         if self.focal_gamma > 0:
             # 1 - p_t via expm1 is exact when p_t is near 1; the floor keeps pow's gradient finite for gamma < 1.
             one_minus_pt = (-torch.expm1(logp_y)).clamp_min(1e-12)
             per_sample = one_minus_pt.pow(self.focal_gamma) * per_sample
-        return per_sample.sum() / w_y.sum()
+        w_y = keep.to(logp.dtype)
+        if self.weights is not None:
+            w_y = w_y * self.weights.to(logp.device)[y]
+        # an all-ignored batch gives 0 with a gradient path (0 / 1), not NaN
+        return (w_y * per_sample).sum() / w_y.sum().clamp_min(torch.finfo(logp.dtype).tiny)
 
 
 def ccc(pred: Tensor, target: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from fer_lightning.config import validate_config
 from fer_lightning.data.datamodule import FERDataModule
 from fer_lightning.ema import ema_callbacks
 from fer_lightning.eval_artifacts import SampleCollector, split_records, write_eval_artifacts
+from fer_lightning.losses import weight_ratio_warning, weight_table
 from fer_lightning.models.module import _MEAN, _STD, FERModule
 from fer_lightning.resume import RunSession
 
@@ -59,7 +60,7 @@ def data_fingerprint(dm: FERDataModule) -> str:
 
 def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
     channels, size = int(cfg.data.channels), int(cfg.data.image_size)
-    return FERModule(
+    module = FERModule(
         class_names=dm.class_names,
         class_ids=dm.class_ids,
         backbone=OmegaConf.to_container(cfg.backbone, resolve=True),
@@ -88,6 +89,18 @@ def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
             "draft": bool(cfg.data.get("draft", True)),
         },
     )
+    _log_class_weights(cfg, dm, module)
+    return module
+
+
+def _log_class_weights(cfg: DictConfig, dm: FERDataModule, module: FERModule) -> None:
+    """The per-class weight table at start-up, and a warning when the weights are more than 100x apart."""
+    counts, weights = dm.class_counts(), module.expression_loss.weights
+    scheme = str(cfg.loss.get("weighting", "none"))
+    log.info("class weights (loss.weighting=%s):\n%s", scheme, weight_table(counts, weights, dm.class_names))
+    warning = weight_ratio_warning(counts, weights, scheme, float(cfg.loss.get("beta", 0.0)))
+    if warning:
+        log.warning(warning)
 
 
 def build_callbacks(cfg: DictConfig, ckpt_dir: Path) -> tuple[ModelCheckpoint, list[pl.Callback]]:

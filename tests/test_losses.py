@@ -12,12 +12,15 @@ import torch.nn.functional as F
 from fer_lightning.losses import (
     ConfigError,
     ExpressionLoss,
+    beta_for_ratio,
     ccc,
     class_weights,
     landmark_loss,
     va_loss,
     validate_loss_config,
+    weight_ratio_warning,
 )
+from fer_lightning.mixing import Mixer, mix_images, mixed_expression_loss
 
 # Seed 001, appendix B: AffectNet train+val counts and the published normalized class-balanced weights (beta 0.9999).
 SEED001_COUNTS = [75374, 134915, 25959, 14590, 6878, 25382]
@@ -115,9 +118,10 @@ def _batch(seed: int = 0, n: int = 16, c: int = 5):
     return logits, target, weights
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-@pytest.mark.parametrize("use_weights", [False, True])
+@pytest.mark.parametrize(("smoothing", "use_weights"), [(0.0, False), (0.1, False), (0.0, True)])
 def test_expression_loss_equals_cross_entropy(smoothing, use_weights):
+    # F.cross_entropy agrees except for weights + smoothing, where it weights the classes inside the smoothing term
+    # (tested against a hand computation below instead)
     logits, target, weights = _batch()
     target[[1, 4, 9]] = -1
     w = weights if use_weights else None
@@ -283,3 +287,117 @@ def test_landmark_loss_hand_value_and_empty():
     expected = (0.5 * 0.005**2 / 0.01 + (0.5 - 0.005)) / 2
     assert landmark_loss(pred, target).item() == pytest.approx(expected, rel=1e-6)
     assert landmark_loss(pred, torch.full((1, 68, 2), float("nan"))).item() == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class weights scale each sample's whole loss (smoothing and focal included); the mean divides by sum of w_y.
+
+
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_weighted_smoothed_loss_is_w_y_times_unweighted_per_sample(gamma):
+    logits, target, weights = _batch(4, n=12, c=4)
+    target[[2, 7]] = -1
+    eps = 0.1
+    keep = target >= 0
+    # unweighted smoothed (focal) loss per sample, by hand: (1 - eps) * -log p_y + eps/K * sum_c -log p_c
+    logp = torch.log_softmax(logits.double(), 1)
+    y = target.clamp_min(0)
+    logp_y = logp.gather(1, y[:, None]).squeeze(1)
+    per = -(1 - eps) * logp_y - eps / 4 * logp.sum(1)
+    per = (1 - logp_y.exp()) ** gamma * per
+    w_y = weights.double()[y] * keep
+    expected = float((w_y * per).sum() / w_y.sum())
+    got = ExpressionLoss(weights, label_smoothing=eps, focal_gamma=gamma)(logits, target).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    # per sample: a one-sample batch gives the unweighted loss whatever its weight (w_y / w_y)
+    for i in torch.nonzero(keep).flatten()[:3].tolist():
+        single = ExpressionLoss(weights, label_smoothing=eps, focal_gamma=gamma)(logits[i : i + 1], target[i : i + 1])
+        assert single.item() == pytest.approx(float(per[i]), rel=1e-5)
+
+
+def test_weighted_smoothed_hand_value():
+    # two samples, K = 2: logits (0, 0) and (ln 3, 0) -> p = (1/2, 1/2) and (3/4, 1/4); targets 0 and 1
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    target = torch.tensor([0, 1])
+    w = torch.tensor([1.0, 9.0])
+    eps = 0.2
+    l0 = 0.8 * math.log(2) + 0.1 * (math.log(2) + math.log(2))
+    l1 = 0.8 * -math.log(0.25) + 0.1 * (-math.log(0.75) - math.log(0.25))
+    expected = (1 * l0 + 9 * l1) / 10
+    assert ExpressionLoss(w, label_smoothing=eps)(logits, target).item() == pytest.approx(expected, rel=1e-6)
+
+
+def _imbalanced_problem(seed: int, n_major: int, n_minor: int):
+    """16-dim Gaussians (one 1x4x4 'image' per sample), class 0 the majority, class 1 the rare class."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(n_major, 1, 4, 4, generator=g) - 0.5, torch.randn(n_minor, 1, 4, 4, generator=g) + 0.5])
+    y = torch.cat([torch.zeros(n_major, dtype=torch.long), torch.ones(n_minor, dtype=torch.long)])
+    return x, y
+
+
+def _recalls(loss_fn, *, mixer=None, steps=150):
+    """Full-batch training of a linear model on a 500:1 problem; recall of each class on a balanced fresh set."""
+    torch.manual_seed(0)
+    x, y = _imbalanced_problem(0, 5000, 10)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 2))
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(steps):
+        mix = mixer.draw(len(x), 4, 4) if mixer is not None else None
+        inputs = mix_images(x, mix) if mix is not None else x
+        logits = model(inputs)
+        loss = mixed_expression_loss(loss_fn, logits, y, mix) if mix is not None else loss_fn(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    xt, yt = _imbalanced_problem(1, 2000, 2000)
+    with torch.no_grad():
+        pred = model(xt).argmax(1)
+    return [float((pred[yt == c] == c).float().mean()) for c in (0, 1)]
+
+
+def _cb_weights():
+    return class_weights([5000, 10], "class_balanced", beta=0.9999)
+
+
+def test_class_balanced_smoothing_keeps_majority_recall():
+    weights = _cb_weights()
+    assert float(weights[1] / weights[0]) > 300  # the regime where the old formula collapsed
+    ce_major, ce_minor = _recalls(ExpressionLoss(None, label_smoothing=0.1))
+    cb_major, cb_minor = _recalls(ExpressionLoss(weights, label_smoothing=0.1))
+    assert ce_major > 0.95
+    assert cb_major > 0.8 and cb_minor > 0.8
+    # the class-weighted smoothing term (F.cross_entropy(weight=..., label_smoothing=...)) predicts the rare class
+    old_major, old_minor = _recalls(lambda lg, t: F.cross_entropy(lg, t, weight=weights, label_smoothing=0.1))
+    assert old_major < 0.2 and old_minor > 0.95
+
+
+def test_focal_with_class_weights_and_smoothing_keeps_majority_recall():
+    major, minor = _recalls(ExpressionLoss(_cb_weights(), label_smoothing=0.1, focal_gamma=2.0))
+    assert major > 0.8 and minor > 0.8
+
+
+@pytest.mark.parametrize("kind", ["mixup", "cutmix"])
+def test_mixing_with_class_weights_and_smoothing_keeps_majority_recall(kind):
+    mixer = Mixer(mixup_alpha=0.4) if kind == "mixup" else Mixer(cutmix_alpha=1.0)
+    major, minor = _recalls(ExpressionLoss(_cb_weights(), label_smoothing=0.1), mixer=mixer)
+    assert major > 0.8 and minor > 0.8
+
+
+def test_beta_for_ratio_caps_the_weight_ratio():
+    counts = [6868, 5696, 368, 268, 252, 208, 21, 9]  # seed 002's legend.csv counts
+    beta = beta_for_ratio(counts, 100.0)
+    w = class_weights(counts, "class_balanced", beta=beta)
+    assert float(w.max() / w.min()) == pytest.approx(100.0, rel=1e-6)
+    assert beta_for_ratio([100, 50], 100.0) is None  # n_max / n_min = 2: no beta reaches 100
+
+
+def test_weight_ratio_warning_names_the_capping_beta():
+    counts = [6868, 5696, 368, 268, 252, 208, 21, 9]
+    w = class_weights(counts, "class_balanced", beta=0.999)
+    msg = weight_ratio_warning(counts, w, "class_balanced", 0.999)
+    ratio = float(w.max() / w.min())
+    assert msg is not None and f"{ratio:.0f}x apart" in msg
+    capped = beta_for_ratio(counts, 100.0)
+    assert f"loss.beta={capped:.6g}" in msg
+    assert weight_ratio_warning(counts, class_weights(counts, "class_balanced", beta=0.9), "class_balanced", 0.9) is None
+    assert weight_ratio_warning(counts, None, "none", 0.0) is None
