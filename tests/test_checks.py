@@ -41,7 +41,7 @@ def _records(rows: list[dict]) -> pd.DataFrame:
 def data(tmp_path: Path):
     """A table where rows 0, 1 are fine and every other row has exactly one problem."""
     root = tmp_path / "root"
-    for i in range(2):
+    for i in (0, 1, 6, 7, 8, 9, 11):
         _write(root, f"img/ok{i}.jpg", _jpeg_bytes(i))
     _write(root, "img/empty.jpg", b"")
     _write(root, "img/garbage.jpg", b"this is not an image")
@@ -54,12 +54,12 @@ def data(tmp_path: Path):
         {"path": "img/empty.jpg"},  # 3 empty_file
         {"path": "img/garbage.jpg"},  # 4 undecodable
         {"path": "img/truncated.jpg"},  # 5 undecodable
-        {"path": "img/ok0.jpg", "expression": None, "label_raw": "smirk"},  # 6 unknown_label (+ duplicate)
-        {"path": "img/ok1.jpg", "expression": 42, "label_raw": "42"},  # 7 label_outside_taxonomy
-        {"path": "img/ok1.jpg", "split": "val", "valence": 1.5},  # 8 va_out_of_range
-        {"path": "img/./ok1.jpg", "split": "val", "landmarks": np.zeros((67, 2), np.float32)},  # 9 landmarks + dup
+        {"path": "img/ok6.jpg", "expression": None, "label_raw": "smirk"},  # 6 unknown_label
+        {"path": "img/ok7.jpg", "expression": 42, "label_raw": "42"},  # 7 label_outside_taxonomy
+        {"path": "img/ok8.jpg", "split": "val", "valence": 1.5},  # 8 va_out_of_range
+        {"path": "img/ok9.jpg", "split": "val", "landmarks": np.zeros((67, 2), np.float32)},  # 9 landmarks
         {"path": "../outside.jpg"},  # 10 path_escapes_root
-        {"path": "img/ok0.jpg", "split": "val", "expression": None, "label_raw": None},  # 11 null_expression
+        {"path": "img/ok11.jpg", "split": "val", "expression": None, "label_raw": None},  # 11 null_expression
         {"path": None, "split": "test"},  # 12 null_path
     ]
     return root, _records(rows)
@@ -70,10 +70,10 @@ EXPECTED = {
     3: ["empty_file"],
     4: ["undecodable"],
     5: ["undecodable"],
-    6: ["duplicate", "unknown_label"],
+    6: ["unknown_label"],
     7: ["label_outside_taxonomy"],
     8: ["va_out_of_range"],
-    9: ["duplicate", "landmarks"],
+    9: ["landmarks"],
     10: ["path_escapes_root"],
     11: ["null_expression"],
     12: ["null_path"],
@@ -94,7 +94,6 @@ def test_each_check_reports_exactly_its_rows(data):
     assert report.counts == {
         "null_path": 1,
         "path_escapes_root": 1,
-        "duplicate": 2,
         "null_expression": 1,
         "unknown_label": 1,
         "label_outside_taxonomy": 1,
@@ -106,8 +105,6 @@ def test_each_check_reports_exactly_its_rows(data):
     }
     assert report.n_rows_in == report.n_rows_out == 13 and len(out) == 13
     reasons = report.to_frame().set_index(["row", "check"])["reason"]
-    assert reasons[(6, "duplicate")] == "same file as row 0 in split train"
-    assert reasons[(9, "duplicate")] == "same file as row 8 in split val"  # img/./ok1.jpg is img/ok1.jpg
     assert reasons[(9, "landmarks")] == "shape (67, 2), expected (68, 2)"
     assert "'smirk'" in reasons[(6, "unknown_label")]
     assert "42" in reasons[(7, "label_outside_taxonomy")]
@@ -121,6 +118,7 @@ def test_policy_drop_drops_exactly_the_offending_rows(data, caplog):
         out, report = run_checks(rec, root, classes=CLASSES, policy="drop")
     assert out["path"].tolist() == ["img/ok0.jpg", "img/ok1.jpg"]
     assert out.index.tolist() == [0, 1]
+    assert report.collapsed == [] and report.identical_files == []
     assert report.n_rows_out == 2 and report.offending_rows == sorted(EXPECTED)
     assert "dropped 11 rows" in caplog.text
 
@@ -141,9 +139,10 @@ def test_policy_error_lists_first_ten_and_names_the_setting(data):
     assert "11 of 13 rows have problems" in msg
     listed = [line for line in msg.splitlines() if line.startswith("  row ")]
     assert len(listed) == 10 and listed[0] == "  row 2: img/missing.jpg: missing_file: file not found"
-    assert "and 3 more" in msg  # 13 issues on 11 rows
+    assert "and 1 more" in msg  # 11 issues on 11 rows
     assert "data.checks=warn" in msg and "data.checks=drop" in msg and "error|warn|drop" in msg
-    assert len(err.value.report.issues) == 13
+    assert "conflicting_label" not in msg  # its hint only comes with such rows
+    assert len(err.value.report.issues) == 11
 
 
 def test_clean_table_passes_unchanged(data):
@@ -175,13 +174,14 @@ def test_decode_none_still_finds_missing_and_empty(tmp_path):
 
 
 def test_va_marker_is_a_note_unless_va_is_trained(tmp_path):
-    _write(tmp_path, "a.jpg", _jpeg_bytes())
+    for i in range(4):
+        _write(tmp_path, f"a{i}.jpg", _jpeg_bytes(i))
     rec = _records(
         [
-            {"path": "a.jpg", "valence": -2.0, "arousal": -2.0},
-            {"path": "a.jpg", "split": "test"},
-            {"path": "a.jpg", "split": "val", "valence": None, "arousal": 0.3},
-            {"path": "a.jpg", "split": "val", "valence": -1.0001},
+            {"path": "a0.jpg", "valence": -2.0, "arousal": -2.0},
+            {"path": "a1.jpg", "split": "test"},
+            {"path": "a2.jpg", "split": "val", "valence": None, "arousal": 0.3},
+            {"path": "a3.jpg", "split": "val", "valence": -1.0001},
         ]
     )
     _, report = run_checks(rec.iloc[[0, 1, 3]], tmp_path, classes=CLASSES, policy="warn")
@@ -193,12 +193,13 @@ def test_va_marker_is_a_note_unless_va_is_trained(tmp_path):
 
 
 def test_canonical_class_outside_subset_is_not_an_error(tmp_path):
-    _write(tmp_path, "a.jpg", _jpeg_bytes())
+    for i in range(3):
+        _write(tmp_path, f"a{i}.jpg", _jpeg_bytes(i))
     rec = _records(
         [
-            {"path": "a.jpg", "expression": 7},
-            {"path": "a.jpg", "expression": 1, "split": "test"},
-            {"path": "a.jpg", "expression": 11, "split": "val"},
+            {"path": "a0.jpg", "expression": 7},
+            {"path": "a1.jpg", "expression": 1, "split": "test"},
+            {"path": "a2.jpg", "expression": 11, "split": "val"},
         ]
     )
     _, report = run_checks(rec, tmp_path, classes=[0, 1], policy="warn")
@@ -279,4 +280,150 @@ def test_report_text_truncates(data):
     root, rec = data
     _, report = run_checks(rec, root, classes=CLASSES, policy="warn")
     text = report.to_text(max_rows=3)
-    assert text.count("\n  row ") == 3 and "and 10 more" in text
+    assert text.count("\n  row ") == 3 and "and 8 more" in text
+
+
+# ------------------------------------------------------------------------------------------------- duplicates
+def _legend_like(root: Path) -> pd.DataFrame:
+    """10 distinct images, then 8 rows that repeat an earlier row (same image, label and split), as in a
+    legend.csv listing some images twice; plus rows that look alike but are other samples."""
+    for i in range(10):
+        _write(root, f"images/{i}.jpg", _jpeg_bytes(i))
+    rows = [{"path": f"images/{i}.jpg", "expression": i % 3, "label_raw": ["neutral", "HAPPINESS", "sadness"][i % 3]}
+            for i in range(10)]  # fmt: skip
+    repeats = [0, 1, 2, 3, 3, 4, 5, 9]  # image 3 three times
+    rows += [dict(rows[i]) for i in repeats]
+    rows[12]["path"] = "images/./2.jpg"  # the same file, spelled differently
+    rows[13]["label_raw"] = "Neutral"  # another spelling of the same class: the same label
+    rows += [
+        {**rows[6], "split": "test"},  # 18: same file and label in another split: a leak, not a repeat
+        {**rows[7], "face_x": 1.0, "face_y": 1.0, "face_w": 20.0, "face_h": 20.0},  # 19: another face box
+    ]
+    return _records(rows)
+
+
+COLLAPSED = [(10, 0), (11, 1), (12, 2), (13, 3), (14, 3), (15, 4), (16, 5), (17, 9)]
+
+
+@pytest.mark.parametrize("policy", ["error", "warn", "drop"])
+def test_exact_duplicate_rows_are_collapsed_whatever_the_policy(tmp_path, caplog, policy):
+    rec = _legend_like(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        out, report = run_checks(rec, tmp_path, classes=CLASSES, policy=policy)
+    assert [(row, kept) for row, kept, _ in report.collapsed] == COLLAPSED
+    assert report.collapsed[2] == (12, 2, "images/./2.jpg")
+    assert report.issues == [] and report.n_rows_in == 20 and report.n_rows_out == 12
+    assert out["path"].tolist() == [*(f"images/{i}.jpg" for i in range(10)), "images/6.jpg", "images/7.jpg"]
+    assert out["split"].tolist() == ["train"] * 10 + ["test", "train"]
+    text = report.to_text()
+    assert "collapsed 8 exact duplicate rows (same file, face box, label and split as an earlier row" in text
+    assert "  row 10: images/0.jpg: same as row 0" in text and "  row 17: images/9.jpg: same as row 9" in text
+    assert "rows kept: 12 of 20" in text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "collapsed 8 exact duplicate rows" in warnings[0].getMessage()
+    assert "row 13: images/3.jpg: same as row 3" in warnings[0].getMessage()
+
+
+def test_collapsed_rows_are_listed_up_to_max_rows(tmp_path):
+    _, report = run_checks(_legend_like(tmp_path), tmp_path, classes=CLASSES)
+    text = report.to_text(max_rows=3)
+    assert text.count("same as row") == 3 and "  and 5 more" in text
+
+
+def _conflicts(root: Path) -> pd.DataFrame:
+    for name in ("a", "b", "c"):
+        _write(root, f"img/{name}.jpg", _jpeg_bytes(ord(name)))
+    no_va = {"valence": np.float32("nan"), "arousal": np.float32("nan")}
+    return _records(
+        [
+            {"path": "img/a.jpg", "expression": 1, "label_raw": "happy"},  # 0 a: happy ...
+            {"path": "img/b.jpg", "expression": 1, "label_raw": "happy"},  # 1 fine
+            {"path": "img/a.jpg", "expression": 2, "label_raw": "sad"},  # 2 ... and sad
+            {"path": "img/c.jpg", "expression": 3, "label_raw": "surprise"},  # 3 c: surprise (train) ...
+            {"path": "img/c.jpg", "expression": 3, "label_raw": "surprise", "split": "test"},  # 4 (test) ...
+            {"path": "img/c.jpg", "expression": 4, "label_raw": "fear", "split": "val"},  # 5 ... and fear
+            {"path": "img/a.jpg", "expression": 2, "label_raw": "sad"},  # 6 repeats row 2: collapsed first
+        ]
+    ).assign(**no_va)
+
+
+def test_conflicting_labels_are_an_error_naming_file_rows_labels_and_key(tmp_path):
+    with pytest.raises(DataCheckError) as err:
+        run_checks(_conflicts(tmp_path), tmp_path, classes=CLASSES)
+    msg = str(err.value)
+    assert "5 of 7 rows have problems (conflicting_label: 5)" in msg
+    assert (
+        "  row 0: img/a.jpg: conflicting_label: 2 rows of this file have different labels: "
+        "row 0 (train): happy (class 1); row 2 (train): sad (class 2)"
+    ) in msg
+    assert "row 3 (train): surprise (class 3); row 4 (test): surprise (class 3); row 5 (val): fear (class 4)" in msg
+    assert "data.checks=warn keeps the rows with the label of the file's first row" in msg
+    assert "data.checks=drop drops every row of such a file" in msg
+    report = err.value.report
+    assert [(i.row, i.check) for i in report.issues] == [(r, "conflicting_label") for r in (0, 2, 3, 4, 5)]
+    assert [(row, kept) for row, kept, _ in report.collapsed] == [(6, 2)]
+
+
+def test_conflicting_labels_warn_keeps_the_first_label_drop_drops_the_file(tmp_path, caplog):
+    rec = _conflicts(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        warned, report = run_checks(rec, tmp_path, classes=CLASSES, policy="warn")
+    # a: row 0 (happy) stays, row 2 (sad) goes; c: rows 3 and 4 (surprise, train and test) stay, row 5 (fear) goes
+    assert warned["path"].tolist() == ["img/a.jpg", "img/b.jpg", "img/c.jpg", "img/c.jpg"]
+    assert warned["expression"].tolist() == [1, 1, 3, 3] and warned["split"].tolist() == ["train"] * 3 + ["test"]
+    assert report.n_rows_out == 4 and report.counts == {"conflicting_label": 5}
+    assert "except 2 rows with another label than their file's first row" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        dropped, report = run_checks(rec, tmp_path, classes=CLASSES, policy="drop")
+    assert dropped["path"].tolist() == ["img/b.jpg"] and report.n_rows_out == 1
+    assert "dropped 5 rows, 5 of them rows of files with conflicting labels" in caplog.text
+    assert "collapsed 1 exact duplicate rows" in caplog.text
+
+
+def _bmp_bytes(seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(buf, "BMP")
+    return buf.getvalue()
+
+
+def test_byte_identical_files_are_a_note_not_an_error(tmp_path, monkeypatch):
+    """As in AffectNet's validation set: 7 byte-identical pairs under different names, 3 with other labels."""
+    import fer_lightning.data.checks as checks
+
+    rows = []
+    for i in range(7):
+        data = _bmp_bytes(i)  # every BMP has the same size: only the hash tells them apart
+        _write(tmp_path, f"val/{i}.bmp", data)
+        _write(tmp_path, f"val/copy_{i}.bmp", data)
+        rows.append({"path": f"val/{i}.bmp", "expression": 1, "label_raw": None})
+        rows.append({"path": f"val/copy_{i}.bmp", "expression": 2 if i in (1, 4, 5) else 1, "label_raw": None})
+    for i in range(7, 10):
+        _write(tmp_path, f"val/{i}.bmp", _bmp_bytes(i))
+        rows.append({"path": f"val/{i}.bmp", "label_raw": None})
+    _write(tmp_path, "val/big.jpg", _jpeg_bytes(0, size=32))  # a size no other file has: never hashed
+    rows.append({"path": "val/big.jpg", "label_raw": None})
+    hashed = []
+    digest = checks._digest
+    monkeypatch.setattr(checks, "_digest", lambda path: hashed.append(path) or digest(path))
+
+    out, report = run_checks(_records(rows), tmp_path, classes=CLASSES, policy="error")
+
+    assert report.issues == [] and len(out) == 18
+    assert len(hashed) == 17 and not any(p.endswith("big.jpg") for p in hashed)
+    pairs = [(p.first, p.other, p.same_label) for p in report.identical_files]
+    assert pairs == [(f"val/{i}.bmp", f"val/copy_{i}.bmp", i not in (1, 4, 5)) for i in range(7)]
+    text = report.to_text()
+    assert "byte-identical files under different names: 7 pairs, 3 with different labels" in text
+    listed = [line for line in text.splitlines() if line.startswith("  val/")]
+    va = "valence 0.1, arousal -0.1"
+    assert listed[0] == f"  val/1.bmp (happy (class 1), {va}) = val/copy_1.bmp (sad (class 2), {va}): different labels"
+    assert [line.endswith("different labels") for line in listed] == [True] * 3 + [False] * 4
+    # no file is read beyond its header without decoding, so decode=none does not look for them
+    hashed.clear()
+    _, none = run_checks(_records(rows), tmp_path, classes=CLASSES, decode="none")
+    assert none.identical_files == [] and hashed == []
+    # above the size cap nothing is hashed
+    monkeypatch.setattr(checks, "HASH_MAX_BYTES", 100)
+    _, capped = run_checks(_records(rows), tmp_path, classes=CLASSES)
+    assert capped.identical_files == [] and hashed == []

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import stat
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Collection, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ CHECKS = (
     "null_path",
     "null_split",
     "path_escapes_root",
-    "duplicate",
+    "conflicting_label",
     "null_expression",
     "unknown_label",
     "label_outside_taxonomy",
@@ -42,9 +43,15 @@ CHECKS = (
 )
 LANDMARKS_SHAPE = (68, 2)
 _FILE_CHUNK = 256
+# byte-identical files: only files of a size another file has are hashed, and none above this size
+HASH_MAX_BYTES = 32 * 1024 * 1024
 _POLICY_HINT = (
     "fix the data, or set data.checks=warn (log this report and keep the rows) "
     "or data.checks=drop (drop the rows); data.checks takes error|warn|drop"
+)
+_CONFLICT_HINT = (
+    "conflicting_label: one file (and face box) listed with different labels; fix the labels, or data.checks=warn "
+    "keeps the rows with the label of the file's first row, data.checks=drop drops every row of such a file"
 )
 
 
@@ -66,6 +73,17 @@ class Issue:
     reason: str
 
 
+@dataclass(frozen=True)
+class IdenticalFiles:
+    """Two files with the same bytes under different names: `first` is the one of the earlier row."""
+
+    first: str
+    first_label: str
+    other: str
+    other_label: str
+    same_label: bool
+
+
 @dataclass
 class CheckReport:
     """What the checks found: the issues, their count per check, and rows in/out."""
@@ -76,6 +94,11 @@ class CheckReport:
     n_rows_out: int
     # Counted but not problems under the settings used (e.g. the non-face VA marker when VA is not trained).
     notes: dict[str, int] = field(default_factory=dict)
+    # exact duplicate rows (same file, face box, label and split as an earlier row), removed whatever the
+    # policy: (row, the earlier row that was kept, path)
+    collapsed: list[tuple[Hashable, Hashable, str]] = field(default_factory=list)
+    # byte-identical files under different names (hashed when the checks read files: checks_decode != none)
+    identical_files: list[IdenticalFiles] = field(default_factory=list)
 
     @property
     def offending_rows(self) -> list[Hashable]:
@@ -100,9 +123,36 @@ class CheckReport:
             lines.append(
                 "notes (not problems with these settings): " + ", ".join(f"{k}: {v}" for k, v in self.notes.items())
             )
+        lines += self._duplicate_lines(max_rows)
         if self.n_rows_out != self.n_rows_in:
             lines.append(f"rows kept: {self.n_rows_out} of {self.n_rows_in}")
         return "\n".join(lines)
+
+    def _duplicate_lines(self, max_rows: int) -> list[str]:
+        lines = []
+        if self.collapsed:
+            lines.append(
+                f"collapsed {len(self.collapsed)} exact duplicate rows (same file, face box, label and split as "
+                "an earlier row; the earlier row is kept, whatever data.checks says):"
+            )
+            lines += [f"  row {row}: {path}: same as row {kept}" for row, kept, path in self.collapsed[:max_rows]]
+            if len(self.collapsed) > max_rows:
+                lines.append(f"  and {len(self.collapsed) - max_rows} more")
+        if self.identical_files:
+            pairs = sorted(self.identical_files, key=lambda p: p.same_label)  # different labels first, stable
+            n_diff = sum(not p.same_label for p in pairs)
+            lines.append(
+                f"byte-identical files under different names: {len(pairs)} pairs, {n_diff} with different labels "
+                "(a note, not an error: check those labels; copies across splits are data.leakage's report):"
+            )
+            lines += [
+                f"  {p.first} ({p.first_label}) = {p.other} ({p.other_label})"
+                + ("" if p.same_label else ": different labels")
+                for p in pairs[:max_rows]
+            ]
+            if len(pairs) > max_rows:
+                lines.append(f"  and {len(pairs) - max_rows} more")
+        return lines
 
 
 def run_checks(
@@ -123,6 +173,12 @@ def run_checks(
     not problems (the data module filters them) and are only counted in the notes. `decode`: 'header' opens
     each image and reads its header, 'full' decodes all pixels (catches truncated data), 'none' only looks at
     the file's existence and size. The returned table has a fresh 0..n-1 index; issues name the input's labels.
+
+    Duplicates: a row repeating an earlier row's file (and face box), label and split is collapsed into it
+    whatever the policy (report.collapsed); one file with different labels (in any splits) is `conflicting_label`
+    on each of its rows: 'error' raises, 'warn' keeps the rows with the label of the file's first row, 'drop'
+    drops them all. With `decode` other than 'none', files of equal size are hashed and byte-identical files
+    under different names are listed in report.identical_files (a note, never an issue).
     """
     if policy not in POLICIES:
         raise ValueError(f"data.checks: {policy!r} is not one of {'|'.join(POLICIES)}")
@@ -130,7 +186,12 @@ def run_checks(
         raise ValueError(f"data.checks_decode: {decode!r} is not one of {'|'.join(DECODE_MODES)}")
     _check_schema(records)
     t0 = time.perf_counter()
-    root = Path(root).absolute()
+    root_text = os.path.normpath(str(Path(root).absolute()))
+    n_rows_in = len(records)
+    # exact duplicates go first, whatever the policy: they are not problems, only repeats
+    samples, labels = _sample_keys(records, root_text), _label_keys(records)
+    kept, collapsed = _collapse_exact_duplicates(records, samples, labels)
+    records, samples, labels = records.iloc[kept], [samples[i] for i in kept], [labels[i] for i in kept]
     paths = records["path"]
     path_text = paths.astype(object).where(paths.notna(), None).to_numpy()
     found: list[tuple[int, str, str]] = []  # (position, check, reason)
@@ -139,12 +200,14 @@ def run_checks(
     for pos in np.flatnonzero(records["split"].isna().to_numpy()):
         # make_records turns a split name outside train/val/test into NaN: such a row would be in no split.
         found.append((pos, "null_split", "no split (the split name was not train, val or test)"))
-    full_paths = _check_paths(path_text, root, records["split"].astype(object).to_numpy(), records.index, found)
+    full_paths = _check_paths(path_text, root_text, found)
+    other_label = _check_conflicts(records, samples, labels, found)
     if len(classes):
         _check_labels(records, list(classes), known_ids, found, notes)
     _check_va(records, va_required, found, notes)
     _check_landmarks(records["landmarks"].to_numpy(), found)
-    _check_files(full_paths, decode, workers, found)
+    sizes = _check_files(full_paths, decode, workers, found)
+    identical = _identical_files(records, labels, full_paths, sizes, workers) if decode != "none" else []
 
     order = {name: k for k, name in enumerate(CHECKS)}
     found.sort(key=lambda f: (f[0], order[f[1]]))
@@ -156,26 +219,32 @@ def run_checks(
     counts = Counter(check for _, check, _ in found)
     bad = np.zeros(len(records), dtype=bool)
     bad[[pos for pos, _, _ in found]] = True
-    keep = policy != "drop" or not bad.any()
+    # warn keeps every row except those whose file's first row has another label; drop drops every offending row
+    gone = bad if policy == "drop" else other_label if policy == "warn" else np.zeros(len(records), dtype=bool)
     report = CheckReport(
         issues=issues,
         counts={c: counts[c] for c in CHECKS if counts[c]},
-        n_rows_in=len(records),
-        n_rows_out=len(records) if keep else int((~bad).sum()),
+        n_rows_in=n_rows_in,
+        n_rows_out=int((~gone).sum()),
         notes=notes,
+        collapsed=collapsed,
+        identical_files=identical,
     )
-    log.info("data checks of %d rows took %.1f s", len(records), time.perf_counter() - t0)
+    log.info("data checks of %d rows took %.1f s", n_rows_in, time.perf_counter() - t0)
 
+    hint = f"{_POLICY_HINT}\n{_CONFLICT_HINT}" if counts["conflicting_label"] else _POLICY_HINT
     if not issues:
-        log.info(report.to_text())
-        return records.reset_index(drop=True), report
-    if policy == "error":
-        raise DataCheckError(f"{report.to_text(max_rows=10)}\n{_POLICY_HINT}", report)
-    if policy == "warn":
-        log.warning("%s\n(data.checks=warn: the rows are kept)", report.to_text())
-        return records.reset_index(drop=True), report
-    log.warning("%s\n(data.checks=drop: dropped %d rows)", report.to_text(), int(bad.sum()))
-    return records.loc[~bad].reset_index(drop=True), report
+        log.log(logging.WARNING if collapsed or identical else logging.INFO, report.to_text())
+    elif policy == "error":
+        raise DataCheckError(f"{report.to_text(max_rows=10)}\n{hint}", report)
+    elif policy == "warn":
+        extra = f", except {int(gone.sum())} rows with another label than their file's first row" if gone.any() else ""
+        log.warning("%s\n(data.checks=warn: the rows are kept%s)", report.to_text(), extra)
+    else:
+        conflicts = len({pos for pos, check, _ in found if check == "conflicting_label"})
+        extra = f", {conflicts} of them rows of files with conflicting labels" if conflicts else ""
+        log.warning("%s\n(data.checks=drop: dropped %d rows%s)", report.to_text(), int(bad.sum()), extra)
+    return records.iloc[np.flatnonzero(~gone)].reset_index(drop=True), report
 
 
 def _check_schema(records: pd.DataFrame) -> None:
@@ -196,13 +265,104 @@ def _check_schema(records: pd.DataFrame) -> None:
         )
 
 
-def _check_paths(
-    paths: np.ndarray, root: Path, splits: np.ndarray, index: pd.Index, found: list
-) -> list[tuple[int, str]]:
-    """Null and escaping paths, duplicates per split; returns (position, absolute path) of the files to look at."""
-    root_text = os.path.normpath(str(root))
+def _is_missing(value: object) -> bool:
+    return value is None or value is pd.NA or (isinstance(value, float) and np.isnan(value))
+
+
+def _sample_keys(records: pd.DataFrame, root_text: str) -> list[tuple | None]:
+    """(normalised absolute file, face box) per row, None without a path; img/./a.jpg is img/a.jpg. Two faces
+    boxed in one image are two samples."""
+    boxes = records[["face_x", "face_y", "face_w", "face_h"]].to_numpy(dtype=np.float64)
+    keys: list[tuple | None] = []
+    for p, box in zip(records["path"].astype(object).to_numpy(), boxes):
+        if _is_missing(p) or str(p).strip() == "":
+            keys.append(None)
+        else:
+            full = os.path.normpath(os.path.join(root_text, str(p)))
+            keys.append((full, *(None if np.isnan(b) else float(b) for b in box)))
+    return keys
+
+
+def _label_keys(records: pd.DataFrame) -> list[tuple]:
+    """What a row teaches: its class (its raw label when it has none) and its valence/arousal."""
+    expr = records["expression"].astype(object).to_numpy()
+    raw = records["label_raw"].astype(object).to_numpy() if "label_raw" in records else [None] * len(expr)
+    va = records[["valence", "arousal"]].to_numpy(dtype=np.float64)
+    return [
+        (
+            None if _is_missing(e) else int(e),
+            None if not _is_missing(e) or _is_missing(r) else str(r),
+            *(None if np.isnan(x) else float(x) for x in v),
+        )
+        for e, r, v in zip(expr, raw, va)
+    ]
+
+
+def _label_text(records: pd.DataFrame, pos: int) -> str:
+    row = records.iloc[pos]
+    raw = row.get("label_raw")
+    raw = None if _is_missing(raw) else str(raw)
+    if _is_missing(row["expression"]):
+        text = "no class" + (f" (label {raw!r})" if raw is not None else "")
+    else:
+        cid = int(row["expression"])
+        name = CANONICAL.get(cid)
+        shown_raw = f", label {raw!r}" if raw is not None and raw != name else ""
+        text = f"{name} (class {cid}{shown_raw})" if name else f"class {cid}" + (f" (label {raw!r})" if raw else "")
+    if np.isfinite(row["valence"]) or np.isfinite(row["arousal"]):
+        text += f", valence {row['valence']:g}, arousal {row['arousal']:g}"
+    return text
+
+
+def _collapse_exact_duplicates(
+    records: pd.DataFrame, samples: list[tuple | None], labels: list[tuple]
+) -> tuple[np.ndarray, list[tuple[Hashable, Hashable, str]]]:
+    """Positions of the rows to keep: not repeating an earlier row's file, face box, label and split; and the
+    (row, earlier row, path) of each repeat."""
+    splits = records["split"].astype(object).to_numpy()
+    first: dict[tuple, int] = {}
+    keep = np.ones(len(records), dtype=bool)
+    collapsed = []
+    for pos, (sample, label) in enumerate(zip(samples, labels)):
+        if sample is None:
+            continue
+        key = (None if _is_missing(splits[pos]) else splits[pos], sample, label)
+        if key in first:
+            keep[pos] = False
+            collapsed.append((records.index[pos], records.index[first[key]], str(records["path"].iloc[pos])))
+        else:
+            first[key] = pos
+    return np.flatnonzero(keep), collapsed
+
+
+def _check_conflicts(
+    records: pd.DataFrame, samples: list[tuple | None], labels: list[tuple], found: list
+) -> np.ndarray:
+    """One file (and face box) with different labels, in any splits: an issue on each of its rows.
+
+    Returns the rows whose label differs from the label of their file's first row (what data.checks=warn drops).
+    """
+    rows_of: dict[tuple, list[int]] = defaultdict(list)
+    for pos, sample in enumerate(samples):
+        if sample is not None:
+            rows_of[sample].append(pos)
+    splits = records["split"].astype(object).to_numpy()
+    other = np.zeros(len(records), dtype=bool)
+    for rows in rows_of.values():
+        if len(rows) < 2 or len({labels[p] for p in rows}) < 2:
+            continue
+        shown = "; ".join(f"row {records.index[p]} ({splits[p]}): {_label_text(records, p)}" for p in rows[:4])
+        more = f"; and {len(rows) - 4} more rows" if len(rows) > 4 else ""
+        reason = f"{len(rows)} rows of this file have different labels: {shown}{more}"
+        for p in rows:
+            found.append((p, "conflicting_label", reason))
+            other[p] = labels[p] != labels[rows[0]]
+    return other
+
+
+def _check_paths(paths: np.ndarray, root_text: str, found: list) -> list[tuple[int, str]]:
+    """Null and escaping paths; returns (position, absolute path) of the files to look at."""
     to_check = []
-    first_seen: dict[tuple[object, str], int] = {}
     for pos, p in enumerate(paths):
         if p is None or str(p).strip() == "":
             found.append((pos, "null_path", "no image path"))
@@ -212,11 +372,6 @@ def _check_paths(
         if os.path.commonpath([root_text, full]) != root_text:
             found.append((pos, "path_escapes_root", f"resolves to {full}, outside the data root {root_text}"))
             continue
-        key = (splits[pos], full)
-        if key in first_seen:
-            found.append((pos, "duplicate", f"same file as row {index[first_seen[key]]} in split {splits[pos]}"))
-        else:
-            first_seen[key] = pos
         to_check.append((pos, full))
     return to_check
 
@@ -283,13 +438,23 @@ def _check_landmarks(landmarks: np.ndarray, found: list) -> None:
             found.append((pos, "landmarks", "non-finite coordinates"))
 
 
-def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, found: list) -> None:
+def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, found: list) -> dict[str, int]:
+    """File issues into `found`; returns the size of every regular, non-empty file."""
     chunks = [to_check[i : i + _FILE_CHUNK] for i in range(0, len(to_check), _FILE_CHUNK)]
     t0 = time.perf_counter()
     done, next_report = 0, 0.1
+    sizes: dict[str, int] = {}
+
+    def check_chunk(chunk: list[tuple[int, str]]) -> list[tuple[int, str, tuple[str, str] | None, int | None]]:
+        return [(pos, f, *_file_issue(f, decode)) for pos, f in chunk]
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for chunk_found in pool.map(lambda c: [(pos, *r) for pos, f in c if (r := _file_issue(f, decode))], chunks):
-            found.extend(chunk_found)
+        for chunk_result in pool.map(check_chunk, chunks):
+            for pos, full, issue, size in chunk_result:
+                if issue is not None:
+                    found.append((pos, *issue))
+                if size is not None:
+                    sizes[full] = size
             done += _FILE_CHUNK
             if len(to_check) >= 20 * _FILE_CHUNK and done / len(to_check) >= next_report:
                 log.info(
@@ -299,21 +464,67 @@ def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, fou
                     time.perf_counter() - t0,
                 )
                 next_report += 0.1
+    return sizes
 
 
-def _file_issue(path: str, decode: str) -> tuple[str, str] | None:
+def _identical_files(
+    records: pd.DataFrame, labels: list[tuple], to_check: list[tuple[int, str]], sizes: dict[str, int], workers: int
+) -> list[IdenticalFiles]:
+    """Byte-identical files under different names, in table order; only files that share a size are hashed."""
+    first_pos: dict[str, int] = {}
+    for pos, full in to_check:
+        first_pos.setdefault(full, pos)
+    by_size: dict[int, list[str]] = defaultdict(list)
+    for full, size in sizes.items():
+        if size <= HASH_MAX_BYTES:
+            by_size[size].append(full)
+    candidates = [f for files in by_size.values() if len(files) > 1 for f in files]
+    if not candidates:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        digests = list(pool.map(_digest, candidates))
+    same: dict[tuple[int, bytes], list[int]] = defaultdict(list)
+    for full, digest in zip(candidates, digests):
+        if digest is not None:
+            same[(sizes[full], digest)].append(first_pos[full])
+    path_text = records["path"].astype(str).to_numpy()
+    pairs = []
+    for positions in same.values():
+        first, *others = sorted(positions)
+        pairs += [(first, b) for b in others]
+    return [
+        IdenticalFiles(
+            path_text[a], _label_text(records, a), path_text[b], _label_text(records, b), labels[a] == labels[b]
+        )
+        for a, b in sorted(pairs)
+    ]
+
+
+def _digest(path: str) -> bytes | None:
+    h = hashlib.blake2b(digest_size=16)
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.digest()
+
+
+def _file_issue(path: str, decode: str) -> tuple[tuple[str, str] | None, int | None]:
+    """(check, reason) or None, and the file's size when it is a regular, non-empty file."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        return "missing_file", "file not found"
+        return ("missing_file", "file not found"), None
     except OSError as err:
-        return "missing_file", f"cannot stat the file ({err})"
+        return ("missing_file", f"cannot stat the file ({err})"), None
     if not stat.S_ISREG(st.st_mode):
-        return "missing_file", "not a regular file"
+        return ("missing_file", "not a regular file"), None
     if st.st_size == 0:
-        return "empty_file", "the file has zero bytes"
+        return ("empty_file", "the file has zero bytes"), None
     if decode == "none":
-        return None
+        return None, st.st_size
     try:
         with Image.open(path) as im:
             if decode == "full":
@@ -321,5 +532,5 @@ def _file_issue(path: str, decode: str) -> tuple[str, str] | None:
             else:
                 im.verify()
     except Exception as err:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, ...
-        return "undecodable", f"{type(err).__name__}: {err}"
-    return None
+        return ("undecodable", f"{type(err).__name__}: {err}"), st.st_size
+    return None, st.st_size
