@@ -764,6 +764,45 @@ def bench_train_step(cfg: BenchConfig, work: Path, device: torch.device, log: Ca
     return {"figures": figures, "details": details}
 
 
+# the grayscale 48 px recipe (FER2013-style data) against the same network on 3 channels and on 64 px
+CHANNEL_CASES: tuple[tuple[int, int], ...] = ((1, 48), (3, 48), (1, 64))
+
+
+def bench_channels(cfg: BenchConfig, work: Path, device: torch.device, log: Callable) -> dict:
+    """experiment=small_gray48's model, plain-loop training images/s on 1x48, 3x48 and 1x64 input, interleaved."""
+    from fer_lightning.train import build_module
+
+    models, loaders = {}, {}
+    for ch, size in CHANNEL_CASES:
+        tcfg = compose_train_config(work, ["experiment=small_gray48", "model.scheduler.factory=null",
+                                           f"data.channels={ch}", f"data.image_size={size}"])  # fmt: skip
+        classes = _classes(tcfg)
+        bs = int(tcfg.data.batch_size)
+        batches = _batches(cfg.train_warmup + cfg.train_steps, bs, size, len(classes.class_ids), cfg.seed)
+        for b in batches:
+            b["image"] = b["image"][:, :ch].contiguous()
+        models[(ch, size)] = build_module(tcfg, classes)
+        loaders[(ch, size)] = (DataLoader(batches, batch_size=None), bs)
+    seconds: dict[tuple[int, int], list[float]] = {k: [] for k in models}
+    for r in range(cfg.train_repeats):
+        order = list(models) if r % 2 == 0 else list(reversed(models))
+        for key in order:
+            loader, _ = loaders[key]
+            seconds[key].append(plain_loop_seconds(copy.deepcopy(models[key]), loader, device, cfg.train_warmup,
+                                                   "32-true"))  # fmt: skip
+    figures: dict[str, float] = {}
+    for (ch, size), secs in seconds.items():
+        figures[f"small_gray48_train_img_s_{ch}x{size}"] = loaders[(ch, size)][1] * cfg.train_steps / statistics.median(
+            secs
+        )
+    figures["small_gray48_1ch_vs_3ch_speed"] = figures["small_gray48_train_img_s_1x48"] / figures[
+        "small_gray48_train_img_s_3x48"
+    ]
+    log("[train] small_gray48 images/s: " + ", ".join(f"{k.rsplit('_', 1)[1]} {v:.0f}" for k, v in figures.items()
+                                                     if k.startswith("small_gray48_train")))  # fmt: skip
+    return {"figures": figures, "details": {str(k): v for k, v in seconds.items()}}
+
+
 def bench_gpu_feed(cfg: BenchConfig, sample: list[Path], work: Path, device: torch.device, log: Callable) -> dict:
     """GPU only: a training epoch fed by the cached data path vs the same steps on device-resident batches."""
     from hydra.utils import instantiate
@@ -1027,6 +1066,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dic
             parts.append(("data", lambda: bench_data(cfg, sample, work, device, log)))
         if "train" in sections:
             parts.append(("train", lambda: bench_train_step(cfg, work, device, log)))
+            parts.append(("channels", lambda: bench_channels(cfg, work, device, log)))
             if device.type == "cuda":
                 parts.append(("gpu_feed", lambda: bench_gpu_feed(cfg, sample, work, device, log)))
         if "growth" in sections:

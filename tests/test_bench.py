@@ -162,6 +162,8 @@ EXPECTED = [
     "epoch_time_s_n", "epoch_time_s_2n", "epoch_time_s_4n", "epoch_time_linearity_2n", "epoch_time_linearity",
     "peak_rss_mb_300", "records_read_300_s", "records_read_300_rows_per_s", "records_checks_300_s",
     "records_checks_300_rows_per_s", "datamodule_setup_300_s", "rss_baseline_mb", "bench_seconds",
+    "small_gray48_train_img_s_1x48", "small_gray48_train_img_s_3x48", "small_gray48_train_img_s_1x64",
+    "small_gray48_1ch_vs_3ch_speed",
 ]  # fmt: skip
 
 
@@ -177,6 +179,9 @@ def test_tiny_bench_writes_every_figure(tmp_path: Path, capsys) -> None:
     assert res["data_speedup_cold_vs_naive"] == pytest.approx(res["data_cold_1w_img_s"] / res["data_naive_1w_img_s"])
     assert res["lightning_overhead_pct"] == pytest.approx(
         (res["train_step_ms_lightning"] / res["train_step_ms_plain"] - 1) * 100
+    )
+    assert res["small_gray48_1ch_vs_3ch_speed"] == pytest.approx(
+        res["small_gray48_train_img_s_1x48"] / res["small_gray48_train_img_s_3x48"]
     )
     grow = res["details"]["growth"]
     n, t = grow["train_samples"], grow["later_epoch_s"]
