@@ -23,6 +23,9 @@ NON_EXPRESSION_IDS: frozenset[int] = frozenset({8, 9, 10})
 # Ids for data-set specific classes (e.g. "focused") declared in config start here.
 FIRST_EXTRA_ID = 11
 
+# data.classes value: the classes found in the data set (resolved after reading)
+AUTO_CLASSES = "auto"
+
 # Every spelling seen in the data sets we read, case-folded.
 ALIASES: dict[str, str] = {
     "neutral": "neutral",
@@ -35,14 +38,19 @@ ALIASES: dict[str, str] = {
     "sadness": "sad",
     "surprise": "surprise",
     "surprised": "surprise",
+    "suprise": "surprise",
+    "surprize": "surprise",
     "fear": "fear",
     "fearful": "fear",
     "scared": "fear",
+    "afraid": "fear",
     "disgust": "disgust",
     "disgusted": "disgust",
+    "disgusting": "disgust",
     "anger": "anger",
     "angry": "anger",
     "contempt": "contempt",
+    "contemptuous": "contempt",
     "none": "none",
     "uncertain": "uncertain",
     "non_face": "non_face",
@@ -77,6 +85,14 @@ class Taxonomy:
 
     def resolve_classes(self, classes: Iterable[str | int]) -> list[int]:
         """Turn the configured class list (names or ids) into canonical ids, in the given order."""
+        if isinstance(classes, str):
+            if is_auto(classes):
+                raise ValueError(
+                    "data.classes=auto: the classes are the ones found in the data set, known only after reading it "
+                    "(FERDataModule.load_records); pass a list such as data.classes=[happy,sad] where the classes "
+                    "are needed before reading"
+                )
+            raise ValueError(f"data.classes: {classes!r} is neither a list of classes nor 'auto'")
         ids: list[int] = []
         for c in classes:
             if isinstance(c, int) or (isinstance(c, str) and c.isdigit()):
@@ -97,6 +113,19 @@ class Taxonomy:
         if len(ids) < 2:
             raise ValueError("data.classes: at least 2 classes are needed")
         return ids
+
+
+def is_auto(classes: object) -> bool:
+    """data.classes=auto: the classes are those found in the data set (e.g. an image folder's class folders)."""
+    return isinstance(classes, str) and classes.strip().casefold() == AUTO_CLASSES
+
+
+def class_order(taxonomy: Taxonomy, ids: Iterable[int]) -> list[int]:
+    """The order data.classes=auto gives: canonical ids ascending, then data-set classes sorted by name."""
+    ids = set(ids)
+    canonical = sorted(i for i in ids if i < FIRST_EXTRA_ID)
+    extra = sorted((i for i in ids if i >= FIRST_EXTRA_ID), key=taxonomy.name_of)
+    return canonical + extra
 
 
 def normalize_name(label: str) -> str:

@@ -233,6 +233,8 @@ def run_checks(
     log.info("data checks of %d rows took %.1f s", n_rows_in, time.perf_counter() - t0)
 
     hint = f"{_POLICY_HINT}\n{_CONFLICT_HINT}" if counts["conflicting_label"] else _POLICY_HINT
+    if counts["unknown_label"]:
+        hint = _unknown_label_hint(records, found, hint if len(counts) > 1 else None)
     if not issues:
         log.log(logging.WARNING if collapsed or identical else logging.INFO, report.to_text())
     elif policy == "error":
@@ -374,6 +376,20 @@ def _check_paths(paths: np.ndarray, root_text: str, found: list) -> list[tuple[i
             continue
         to_check.append((pos, full))
     return to_check
+
+
+def _unknown_label_hint(records: pd.DataFrame, found: list, other_hint: str | None) -> str:
+    """Unknown labels are classes to keep (or spellings to fix), never rows to drop: name the keys that keep them."""
+    raw = records["label_raw"].astype(object).to_numpy() if "label_raw" in records else None
+    names = sorted({str(raw[pos]) for pos, check, _ in found if check == "unknown_label"}) if raw is not None else []
+    shown = ",".join(names[:10]) + (",..." if len(names) > 10 else "")
+    text = (
+        f"unknown_label: the labels [{shown}] are no class of the taxonomy. To train on them as data-set classes: "
+        "image folders take every class folder with data.classes=auto; otherwise declare them with "
+        f"data.extra_classes=[{shown}] and list them in data.classes=[...]. A misspelt canonical class is fixed in "
+        "the data (or as an alias in fer_lightning/taxonomy.py ALIASES)."
+    )
+    return f"{text}\nfor the other problems: {other_hint}" if other_hint else text
 
 
 def _check_labels(

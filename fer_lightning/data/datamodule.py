@@ -21,7 +21,7 @@ from fer_lightning.data.records import SPLITS
 from fer_lightning.data.resumable import ResumableLoader
 from fer_lightning.data.sampling import EpochSampler
 from fer_lightning.data.transforms import build_train_transform
-from fer_lightning.taxonomy import Taxonomy
+from fer_lightning.taxonomy import AUTO_CLASSES, FIRST_EXTRA_ID, Taxonomy, class_order, is_auto, normalize_name
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,13 @@ class FERDataModule(pl.LightningDataModule):
         self.landmarks = landmarks
         self.test_only = bool(test_only)
         self.taxonomy = Taxonomy(self.cfg.get("extra_classes") or ())
-        self.class_ids = self.taxonomy.resolve_classes(self.cfg["classes"])
-        self.class_names = [self.taxonomy.name_of(c) for c in self.class_ids]
+        # data.classes=auto, or a list naming data-set classes (e.g. a class folder `focused`): resolved after
+        # reading (load_records), when the data set's classes are known
+        self._class_ids: list[int] | None = None
+        self.class_names: list[str] = []
+        classes = self.cfg.get("classes", AUTO_CLASSES)
+        if not is_auto(classes) and not self._unknown_class_names(classes):
+            self._set_classes(self._resolve_listed(classes))
         self.num_workers = resolve_num_workers(self.cfg.get("num_workers", "auto"))
         self.records: pd.DataFrame | None = None
         self.check_report: CheckReport | None = None
@@ -76,6 +81,99 @@ class FERDataModule(pl.LightningDataModule):
         self.metadata_issues: list[tuple[str, str]] = []
         self.datasets: dict[str, FERDataset] = {}
         self.root: Path | None = None
+
+    # ----------------------------------------------------------------- classes
+    @property
+    def class_ids(self) -> list[int]:
+        """Model classes as taxonomy ids, in output order (known after load_records for data.classes=auto)."""
+        if self._class_ids is None:
+            raise DataConfigError(
+                f"data.classes={self.cfg.get('classes')}: the classes are known only after reading the data set; "
+                "call load_records() or setup() first"
+            )
+        return self._class_ids
+
+    @class_ids.setter
+    def class_ids(self, ids: list[int]) -> None:
+        self._set_classes(list(ids))
+
+    def _set_classes(self, ids: list[int]) -> None:
+        self._class_ids = [int(c) for c in ids]
+        self.class_names = [self.taxonomy.name_of(c) for c in self._class_ids]
+
+    def _unknown_class_names(self, classes: Any) -> list[str]:
+        if isinstance(classes, str):
+            return []  # not a list: resolve_classes names the problem
+        return [
+            str(c)
+            for c in classes
+            if not isinstance(c, int) and not str(c).isdigit() and self.taxonomy.id_of(str(c)) is None
+        ]
+
+    def _resolve_listed(self, classes: Any, found: list[str] | None = None) -> list[int]:
+        try:
+            return self.taxonomy.resolve_classes(classes)
+        except ValueError as err:
+            where = "" if found is None else f"; class labels found in {self.root}: {found}"
+            raise DataConfigError(f"{err}{where}") from err
+
+    def _resolve_classes(self, records: pd.DataFrame) -> pd.DataFrame:
+        """Classes from what was read: class folders outside the taxonomy become data-set classes (ids from
+        FIRST_EXTRA_ID, sorted by name, after data.extra_classes'), then data.classes=auto takes every class
+        found (canonical ids ascending, then data-set classes by name) and a list is resolved in its order."""
+        classes = self.cfg.get("classes", AUTO_CLASSES)
+        declared = list(self.cfg.get("extra_classes") or ())
+        folders = set(records.attrs.get("class_folders") or ())
+        unmapped = records["expression"].isna() & records["label_raw"].notna() if "label_raw" in records else None
+        new: list[str] = []
+        if unmapped is not None and unmapped.any() and folders:
+            names = {normalize_name(r) for r in records.loc[unmapped, "label_raw"].astype(str) if r in folders}
+            new = sorted(names)
+        if new:
+            self.taxonomy = Taxonomy([*declared, *new])
+            ids = [self.taxonomy.id_of(str(r)) for r in records.loc[unmapped, "label_raw"]]
+            records = records.copy()
+            records.loc[unmapped, "expression"] = pd.array(ids, dtype="Int64")
+            for raw in records.loc[unmapped, "label_raw"].dropna().unique():
+                if self.taxonomy.id_of(str(raw)) is not None:
+                    self.label_mapping[str(raw)] = self.taxonomy.name_of(self.taxonomy.id_of(str(raw)))
+        present = {int(c) for c in records["expression"].dropna().unique()} & set(self.taxonomy.id_to_name)
+        found = [self.taxonomy.name_of(c) for c in class_order(self.taxonomy, present)]
+        if is_auto(classes):
+            ids = class_order(self.taxonomy, present)
+            if len(ids) < 2:
+                raise DataConfigError(
+                    f"data.classes=auto: {self.root} has {len(ids)} class(es) with images ({found}); at least 2 are "
+                    "needed: point data.root at the folder holding the class folders (or split folders)"
+                )
+            self._set_classes(ids)
+            extra = [n for c, n in zip(self.class_ids, self.class_names) if c >= FIRST_EXTRA_ID]
+            log.info(
+                "data.classes=auto: %d classes found in %s: %s%s",
+                len(ids),
+                self.root,
+                self.class_names,
+                f" (data-set classes beyond the taxonomy: {extra}, ids from {FIRST_EXTRA_ID} by name)" if extra else "",
+            )
+        elif self._class_ids is None or new:
+            self._set_classes(self._resolve_listed(classes, found))
+        return records
+
+    def _check_classes_trained(self, records: pd.DataFrame) -> None:
+        """Every model class needs training samples: a class no train row carries could never be learnt."""
+        if self.test_only:
+            return
+        train = records.loc[(records["split"] == "train").to_numpy(), "expression"]
+        counts = {n: int((train == c).sum()) for c, n in zip(self.class_ids, self.class_names)}
+        empty = [n for n, k in counts.items() if k == 0]
+        if not empty:
+            return
+        keep = [n for n in self.class_names if n not in empty]
+        auto = " (data.classes=auto took every class found)" if is_auto(self.cfg.get("classes")) else ""
+        raise DataConfigError(
+            f"classes {empty} have no training sample after the split of {self.root} (train counts {counts}){auto}; "
+            f"leave them out with data.classes=[{','.join(keep)}], or add training images of them"
+        )
 
     # ----------------------------------------------------------------- records
     def resolve_root(self) -> Path:
@@ -109,6 +207,7 @@ class FERDataModule(pl.LightningDataModule):
         self.label_mapping = dict(records.attrs.get("label_mapping", {}))
         needs_split = bool(records.attrs.get("needs_split", False))
         self.metadata_issues = [tuple(i) for i in records.attrs.get("metadata_issues", [])]
+        records = self._resolve_classes(records)
         records = self._subset_classes(records)
         # checks before splitting: the split (made or loaded) only ever sees rows that passed them
         records, self.check_report = run_checks(
@@ -137,6 +236,7 @@ class FERDataModule(pl.LightningDataModule):
                     f"the {split} split is empty after reading {self.root} (format {self.cfg['format']}, "
                     f"classes {self.class_names}); check data.root, data.classes and data.checks"
                 )
+        self._check_classes_trained(records)
         if not (records["split"] == "test").any():
             log.warning("data set %s has no test split: the test stage is skipped", self.root)
         self._check_leakage(records)
@@ -155,7 +255,13 @@ class FERDataModule(pl.LightningDataModule):
                     f"{int(outside.sum())} rows carry labels outside data.classes={self.class_names} "
                     f"({dict(dropped)}; first: {first}); add them to data.classes or set data.other_classes=drop"
                 )
-            log.info("dropped rows of classes outside data.classes: %s", dict(dropped))
+            log.warning(
+                "dropped %d rows of classes outside data.classes=[%s]: %s; to train on a class, add it to "
+                "data.classes (data.classes=auto takes every class found)",
+                int(outside.sum()),
+                ",".join(self.class_names),
+                {str(k): int(v) for k, v in dropped.items()},
+            )
             records = records.loc[~outside].reset_index(drop=True)
         return records
 
