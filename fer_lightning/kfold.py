@@ -19,7 +19,7 @@ from fer_lightning.baselines import format_table, to_markdown
 from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import DataConfigError
 from fer_lightning.data.records import SPLITS
-from fer_lightning.data.splits import SplitError, kfold_assign
+from fer_lightning.data.splits import SplitError, groups_per_split, kfold_assign
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,14 @@ TABLE_METRICS: tuple[str, ...] = (
 )
 
 
-def fold_records(records: pd.DataFrame, *, folds: int, index: int, seed: int) -> pd.DataFrame:
+def fold_records(
+    records: pd.DataFrame, *, folds: int, index: int, seed: int, groups: np.ndarray | None = None
+) -> pd.DataFrame:
     """Fold `index` of a stratified, seeded `folds`-fold split of the train+val rows as val, the rest as train.
 
     Test rows keep their split. A val split the data set shipped (or the hold-out carved from train) joins the
-    pool: in cross-validation each fold takes the val role in turn.
+    pool: in cross-validation each fold takes the val role in turn. `groups` (one per row, data.group_by): each
+    group lies in one fold, so never on both the train and the val side.
     """
     if not 0 <= int(index) < int(folds):
         raise DataConfigError(f"data.fold.index={index} is outside 0..{int(folds) - 1} for {folds} folds")
@@ -49,7 +52,7 @@ def fold_records(records: pd.DataFrame, *, folds: int, index: int, seed: int) ->
     merged = records.copy()
     merged["split"] = pd.Categorical(np.where(pool, "train", records["split"].astype(object)), categories=list(SPLITS))
     try:
-        assign = kfold_assign(merged, k=int(folds), seed=int(seed))
+        assign = kfold_assign(merged, k=int(folds), seed=int(seed), groups=groups)
     except SplitError as err:
         raise DataConfigError(f"cv.folds={folds}: {err}") from err
     split = merged["split"].astype(object).to_numpy().copy()
@@ -59,6 +62,9 @@ def fold_records(records: pd.DataFrame, *, folds: int, index: int, seed: int) ->
     log.info(
         "fold %d of %d (seed %s): %s", int(index) + 1, folds, seed, out["split"].value_counts(sort=False).to_dict()
     )
+    if groups is not None:
+        counts = groups_per_split(out["split"], np.asarray(groups, dtype=object))
+        log.info("fold %d of %d: groups (data.group_by) per split: %s", int(index) + 1, folds, counts)
     return out
 
 

@@ -387,9 +387,15 @@ def _bmp_bytes(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_byte_identical_files_are_a_note_not_an_error(tmp_path, monkeypatch):
-    """As in AffectNet's validation set: 7 byte-identical pairs under different names, 3 with other labels."""
+@pytest.mark.parametrize("prefix", [None, 8])
+def test_byte_identical_files_are_a_note_not_an_error(tmp_path, monkeypatch, prefix):
+    """As in AffectNet's validation set: 7 byte-identical pairs under different names, 3 with other labels.
+
+    prefix=8: the BMP headers agree, so files whose first bytes agree are then hashed whole."""
     import fer_lightning.data.checks as checks
+
+    if prefix is not None:
+        monkeypatch.setattr(checks, "HASH_PREFIX_BYTES", prefix)
 
     rows = []
     for i in range(7):
@@ -403,14 +409,20 @@ def test_byte_identical_files_are_a_note_not_an_error(tmp_path, monkeypatch):
         rows.append({"path": f"val/{i}.bmp", "label_raw": None})
     _write(tmp_path, "val/big.jpg", _jpeg_bytes(0, size=32))  # a size no other file has: never hashed
     rows.append({"path": "val/big.jpg", "label_raw": None})
-    hashed = []
+    hashed, whole = [], []
     digest = checks._digest
-    monkeypatch.setattr(checks, "_digest", lambda path: hashed.append(path) or digest(path))
+
+    def counting(path, limit=None):
+        (hashed if limit is not None else whole).append(path)
+        return digest(path, limit)
+
+    monkeypatch.setattr(checks, "_digest", counting)
 
     out, report = run_checks(_records(rows), tmp_path, classes=CLASSES, policy="error")
 
     assert report.issues == [] and len(out) == 18
     assert len(hashed) == 17 and not any(p.endswith("big.jpg") for p in hashed)
+    assert len(whole) == (0 if prefix is None else 17)  # the 246-byte BMPs fit in the default prefix
     pairs = [(p.first, p.other, p.same_label) for p in report.identical_files]
     assert pairs == [(f"val/{i}.bmp", f"val/copy_{i}.bmp", i not in (1, 4, 5)) for i in range(7)]
     text = report.to_text()
@@ -421,9 +433,37 @@ def test_byte_identical_files_are_a_note_not_an_error(tmp_path, monkeypatch):
     assert [line.endswith("different labels") for line in listed] == [True] * 3 + [False] * 4
     # no file is read beyond its header without decoding, so decode=none does not look for them
     hashed.clear()
+    whole.clear()
     _, none = run_checks(_records(rows), tmp_path, classes=CLASSES, decode="none")
-    assert none.identical_files == [] and hashed == []
+    assert none.identical_files == [] and hashed == whole == []
     # above the size cap nothing is hashed
     monkeypatch.setattr(checks, "HASH_MAX_BYTES", 100)
     _, capped = run_checks(_records(rows), tmp_path, classes=CLASSES)
-    assert capped.identical_files == [] and hashed == []
+    assert capped.identical_files == [] and hashed == whole == []
+
+
+def test_legend_csv_with_repeated_rows_loads_under_the_default_policy(make_cfg, tmp_path):
+    """Issue 10: a legend.csv in which 8 rows repeat an earlier row stopped under data.checks=error."""
+    from layouts import write_legend_csv
+
+    from fer_lightning.data.datamodule import FERDataModule
+
+    root = tmp_path / "legend"
+    write_legend_csv(root, [("neutral", "happiness", "sadness", "surprise")[i % 4] for i in range(40)])
+    legend = root / "data" / "legend.csv"
+    lines = legend.read_text().splitlines()
+    legend.write_text("\n".join([*lines, *(lines[1 + i] for i in (0, 1, 2, 3, 3, 10, 20, 39))]) + "\n")
+    cfg = make_cfg("data=legend_csv", f"data.root={root}", "data.classes=[neutral,happy,sad,surprise]",
+                   "data.leakage.policy=off", "logger=none")  # fmt: skip
+    assert cfg.data.checks == "error"
+    dm = FERDataModule(cfg.data, seed=0, cache_dir=cfg.paths.cache_dir)
+    dm.records = dm.load_records()
+    assert len(dm.records) == 40 and not dm.records["path"].duplicated().any()
+    report = dm.check_report
+    assert report.issues == [] and (report.n_rows_in, report.n_rows_out) == (48, 40)
+    assert [(row, kept) for row, kept, _ in report.collapsed] == [
+        (40, 0), (41, 1), (42, 2), (43, 3), (44, 3), (45, 10), (46, 20), (47, 39)
+    ]  # fmt: skip
+    dm.write_artifacts(tmp_path / "data")
+    text = (tmp_path / "data" / "checks.txt").read_text()
+    assert "collapsed 8 exact duplicate rows" in text and "  row 47: images/face_039.jpg: same as row 39" in text

@@ -101,3 +101,43 @@ def test_fold_table_mean_and_sample_std():
     assert list(table.columns) == ["a", "b"]
     assert table.loc["mean", "a"] == 3.0 and table.loc["std", "a"] == pytest.approx(2.0)
     assert table.loc["std", "b"] == pytest.approx(math.sqrt(3.0))
+
+
+def test_fold_records_keeps_each_group_in_one_fold():
+    records = _records({0: 24, 1: 18, 2: 12})  # rows in class blocks: every group g0..g9 has every class
+    groups = np.array([f"g{i % 10}" for i in range(len(records))], dtype=object)
+    pool = (records["split"] != "test").to_numpy()
+    folds = [fold_records(records, folds=3, index=i, seed=5, groups=groups) for i in range(3)]
+    val_groups = []
+    for f in folds:
+        split = f["split"].astype(str).to_numpy()
+        train, val = set(groups[split == "train"]), set(groups[split == "val"])
+        assert train and val and not train & val  # no group on both sides of a fold
+        assert set(f.loc[f["split"] == "val", "expression"]) == {0, 1, 2}
+        assert (split[~pool] == "test").all()
+        val_groups.append(val)
+    assert set.union(*val_groups) == set(groups[pool]) and sum(map(len, val_groups)) == 10
+    again = fold_records(records, folds=3, index=1, seed=5, groups=groups)
+    assert again["split"].equals(folds[1]["split"])
+    with pytest.raises(DataConfigError, match=r"cv.folds=12: .*12 folds need at least 12 groups.*data.group_by"):
+        fold_records(records, folds=12, index=0, seed=5, groups=groups)
+
+
+def test_datamodule_fold_with_group_by(make_cfg, tmp_path):
+    from layouts import write_legend_csv
+
+    from fer_lightning.data.datamodule import FERDataModule
+
+    root = tmp_path / "legend"
+    write_legend_csv(root, [("neutral", "happiness", "sadness", "surprise")[i % 4] for i in range(84)])
+    val_groups = []
+    for index in range(2):
+        cfg = make_cfg("data=legend_csv", f"data.root={root}", "data.classes=[neutral,happy,sad,surprise]",
+                       "data.group_by=annotator", f"+data.fold={{folds:2,index:{index},seed:0}}",
+                       "data.leakage.policy=off", "logger=none")  # fmt: skip
+        records = FERDataModule(cfg.data, seed=0, cache_dir=cfg.paths.cache_dir).load_records()
+        by_split = records.groupby("split", observed=True)["group"].agg(lambda g: set(g.astype(str)))
+        assert not by_split["train"] & by_split["val"] and not by_split["val"] & by_split["test"]
+        assert not by_split["train"] & by_split["test"]
+        val_groups.append(by_split["val"])
+    assert not val_groups[0] & val_groups[1]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import stat
 import time
@@ -43,7 +44,9 @@ CHECKS = (
 )
 LANDMARKS_SHAPE = (68, 2)
 _FILE_CHUNK = 256
-# byte-identical files: only files of a size another file has are hashed, and none above this size
+# byte-identical files: only files of a size another file has are hashed, first their first HASH_PREFIX_BYTES
+# (what a header read touches anyway), in full only when those agree too; none above HASH_MAX_BYTES
+HASH_PREFIX_BYTES = 16 * 1024
 HASH_MAX_BYTES = 32 * 1024 * 1024
 _POLICY_HINT = (
     "fix the data, or set data.checks=warn (log this report and keep the rows) "
@@ -486,7 +489,7 @@ def _check_files(to_check: list[tuple[int, str]], decode: str, workers: int, fou
 def _identical_files(
     records: pd.DataFrame, labels: list[tuple], to_check: list[tuple[int, str]], sizes: dict[str, int], workers: int
 ) -> list[IdenticalFiles]:
-    """Byte-identical files under different names, in table order; only files that share a size are hashed."""
+    """Byte-identical files under different names, in table order; only files that share a size are read."""
     first_pos: dict[str, int] = {}
     for pos, full in to_check:
         first_pos.setdefault(full, pos)
@@ -498,11 +501,20 @@ def _identical_files(
     if not candidates:
         return []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        digests = list(pool.map(_digest, candidates))
-    same: dict[tuple[int, bytes], list[int]] = defaultdict(list)
-    for full, digest in zip(candidates, digests):
-        if digest is not None:
-            same[(sizes[full], digest)].append(first_pos[full])
+        prefix = dict(zip(candidates, pool.map(lambda f: _digest(f, HASH_PREFIX_BYTES), candidates)))
+        by_prefix: dict[tuple[int, bytes], list[str]] = defaultdict(list)
+        for full, digest in prefix.items():
+            if digest is not None:
+                by_prefix[(sizes[full], digest)].append(full)
+        # files longer than the prefix whose size and prefix agree with another's: the whole file decides
+        longer = [f for files in by_prefix.values() if len(files) > 1 for f in files if sizes[f] > HASH_PREFIX_BYTES]
+        whole = dict(zip(longer, pool.map(_digest, longer)))
+    same: dict[tuple[int, bytes, bytes | None], list[int]] = defaultdict(list)
+    for (size, digest), files in by_prefix.items():
+        for full in files if len(files) > 1 else ():
+            rest = whole.get(full) if size > HASH_PREFIX_BYTES else b""
+            if rest is not None:
+                same[(size, digest, rest)].append(first_pos[full])
     path_text = records["path"].astype(str).to_numpy()
     pairs = []
     for positions in same.values():
@@ -516,12 +528,15 @@ def _identical_files(
     ]
 
 
-def _digest(path: str) -> bytes | None:
+def _digest(path: str, limit: int | None = None) -> bytes | None:
+    """Hash of the file's bytes (its first `limit` bytes when given); None when it cannot be read."""
     h = hashlib.blake2b(digest_size=16)
+    left = math.inf if limit is None else limit
     try:
         with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
+            while left > 0 and (chunk := f.read(int(min(1 << 20, left)))):
                 h.update(chunk)
+                left -= len(chunk)
     except OSError:
         return None
     return h.digest()

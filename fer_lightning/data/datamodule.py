@@ -218,6 +218,7 @@ class FERDataModule(pl.LightningDataModule):
             policy=str(self.cfg.get("checks", "error")),
             decode=str(self.cfg.get("checks_decode", "header")),
         )
+        records = self._with_groups(records)
         split_file = self.cfg.get("split_file")
         if split_file:
             records = self._load_split(records, split_file)
@@ -229,7 +230,7 @@ class FERDataModule(pl.LightningDataModule):
             from fer_lightning.kfold import fold_records
 
             # k-fold cross-validation (cv.folds, set by kfold.run_kfold): one fold of train+val is val
-            records = fold_records(records, **dict(self.cfg["fold"]))
+            records = fold_records(records, **dict(self.cfg["fold"]), groups=self._groups(records))
         for split in () if self.test_only else ("train", "val"):
             if not (records["split"] == split).any():
                 raise DataConfigError(
@@ -265,19 +266,60 @@ class FERDataModule(pl.LightningDataModule):
             records = records.loc[~outside].reset_index(drop=True)
         return records
 
+    def _with_groups(self, records: pd.DataFrame) -> pd.DataFrame:
+        """data.group_by set: each row's group in a `group` column (kept apart by every split, in split.csv)."""
+        group_by = self.cfg.get("group_by")
+        if group_by in (None, ""):
+            return records
+        from fer_lightning.data.splits import SplitError, resolve_groups
+
+        try:
+            groups = resolve_groups(records, str(group_by))
+        except SplitError as err:
+            raise DataConfigError(f"{err} (data set {self.root})") from err
+        log.info("data.group_by=%s: %d groups among %d rows", group_by, len(set(groups)), len(records))
+        return records.assign(group=pd.Categorical(groups))
+
+    def _groups(self, records: pd.DataFrame):
+        if self.cfg.get("group_by") in (None, "") or "group" not in records:
+            return None
+        return records["group"].astype(object).to_numpy()
+
+    def _warn_shared_groups(self, records: pd.DataFrame, source: str) -> None:
+        groups = self._groups(records)
+        if groups is None:
+            return
+        from fer_lightning.data.splits import shared_groups
+
+        shared = shared_groups(records["split"], groups)
+        if shared:
+            log.warning(
+                "%d groups (data.group_by=%s) have rows in more than one split, e.g. %s: %s was made without "
+                "them (only the splits made here keep groups apart: drop data.split_file to make a new one; a data "
+                "set's own train/test split is kept as it is)",
+                len(shared),
+                self.cfg.get("group_by"),
+                shared[:5],
+                source,
+            )
+
     def _split(self, records: pd.DataFrame, needs_split: bool) -> pd.DataFrame:
         from fer_lightning.data.splits import SplitError, stratified_holdout, stratified_split
 
+        groups = self._groups(records)
         try:
             if needs_split:
                 fractions = dict(self.cfg.get("split_fractions") or {"train": 0.7, "val": 0.15, "test": 0.15})
-                return stratified_split(records, fractions=fractions, seed=self.seed)
+                return stratified_split(records, fractions=fractions, seed=self.seed, groups=groups)
             if not (records["split"] == "val").any():
                 fraction = float(self.cfg.get("val_fraction", 0.1))
-                return stratified_holdout(records, fraction=fraction, seed=self.seed, source="train", target="val")
+                records = stratified_holdout(
+                    records, fraction=fraction, seed=self.seed, source="train", target="val", groups=groups
+                )
         except SplitError as err:
             key = "data.split_fractions" if needs_split else "data.val_fraction"
             raise DataConfigError(f"cannot split {self.root} ({key}, seed {self.seed}): {err}") from err
+        self._warn_shared_groups(records, "the data set's own split")
         return records
 
     def _load_split(self, records: pd.DataFrame, split_file: str) -> pd.DataFrame:
@@ -289,6 +331,7 @@ class FERDataModule(pl.LightningDataModule):
         except SplitError as err:
             raise DataConfigError(f"data.split_file={path}: {err}") from err
         log.info("split read from %s: %s", path, records["split"].value_counts(sort=False).to_dict())
+        self._warn_shared_groups(records, f"data.split_file={path}")
         return records
 
     def _check_leakage(self, records: pd.DataFrame) -> None:
@@ -396,8 +439,9 @@ class FERDataModule(pl.LightningDataModule):
 
     # ---------------------------------------------------------- run records
     def split_table(self) -> pd.DataFrame:
-        """path -> split as used by this run (logged as an artifact so the split can be reused)."""
-        return self.records[["path", "split"]].copy()
+        """path -> split (and group with data.group_by) as used by this run (logged as an artifact so the split
+        can be reused)."""
+        return self.records[["path", "split", *(["group"] if self._groups(self.records) is not None else [])]].copy()
 
     def summary(self) -> dict[str, Any]:
         counts = {
