@@ -22,7 +22,7 @@ from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import FERDataModule
 from fer_lightning.eval_artifacts import SampleCollector, StageSamples, split_records, write_eval_artifacts
 from fer_lightning.metrics import VA_KEYS
-from fer_lightning.taxonomy import FIRST_EXTRA_ID, Taxonomy
+from fer_lightning.taxonomy import FIRST_EXTRA_ID, Taxonomy, is_auto, normalize_name
 from fer_lightning.tta import check_tta
 
 log = logging.getLogger(__name__)
@@ -75,23 +75,25 @@ def find_source_run(client: MlflowClient, ckpt_path: Path) -> Run | None:
 
 
 def _check_classes(data_cfg: dict[str, Any], hparams: dict[str, Any], ckpt_path: Path) -> None:
-    """The data config must name the classes the checkpoint predicts (any order): a model scores only its classes."""
-    ckpt = dict(zip(hparams["class_ids"], hparams["class_names"]))
-    try:
-        taxonomy = Taxonomy(data_cfg.get("extra_classes") or ())
-        ids = taxonomy.resolve_classes(data_cfg["classes"])
-    except ValueError as err:
-        raise EvaluationError(str(err)) from err
-    data = {cid: taxonomy.name_of(cid) for cid in ids}
-    if data != ckpt:
-        extra = [n for i, n in ckpt.items() if i >= FIRST_EXTRA_ID]
-        fix = f"data.classes=[{','.join(ckpt.values())}]" + (
-            f" data.extra_classes=[{','.join(extra)}]" if extra else ""
-        )
+    """The data config must name the classes the checkpoint predicts (any order): a model scores only its classes.
+
+    Compared by name: a data-set class found in the folders (data.classes=auto) has no fixed id across data sets.
+    """
+    ckpt = list(hparams["class_names"])
+    if is_auto(data_cfg.get("classes")):
+        return  # the checkpoint's classes are used, and the data module refuses a class it cannot find
+    taxonomy = Taxonomy(data_cfg.get("extra_classes") or ())
+    given = []
+    for c in data_cfg["classes"]:
+        cid = int(c) if isinstance(c, int) or str(c).isdigit() else taxonomy.id_of(str(c))
+        given.append(taxonomy.name_of(cid) if cid in taxonomy.id_to_name else normalize_name(c))
+    if sorted(given) != sorted(ckpt):
+        extra = [n for i, n in zip(hparams["class_ids"], ckpt) if i >= FIRST_EXTRA_ID]
+        fix = f"data.classes=[{','.join(ckpt)}]" + (f" data.extra_classes=[{','.join(extra)}]" if extra else "")
         raise EvaluationError(
-            f"checkpoint {ckpt_path} predicts the classes {list(ckpt.values())} but data.classes gives "
-            f"{list(data.values())}; a model can only be scored on its own classes: pass {fix} if the data set "
-            "carries those labels, or evaluate a checkpoint trained on this class set"
+            f"checkpoint {ckpt_path} predicts the classes {ckpt} but data.classes gives "
+            f"{given}; a model can only be scored on its own classes: pass {fix} (or data.classes=auto) if the "
+            "data set carries those labels, or evaluate a checkpoint trained on this class set"
         )
 
 
@@ -99,7 +101,8 @@ def build_eval_datamodule(cfg: DictConfig, hparams: dict[str, Any], seed: int) -
     """The data module for the test split, with the checkpoint's input size, channels and class order."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
     _check_classes(data, hparams, Path(str(cfg.ckpt_path)))
-    data["classes"] = list(hparams["class_ids"])
+    # by name, in the checkpoint's output order (ids of data-set classes depend on the folders found)
+    data["classes"] = list(hparams["class_names"])
     pre = hparams.get("preprocessing") or {}
     # the model's input contract, not the data config's defaults
     data["image_size"] = int(pre.get("image_size", hparams["image_size"]))
