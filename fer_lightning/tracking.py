@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import MLFlowLogger
 
 from fer_lightning.mlflow_retry import ResilientMLFlowLogger
+from fer_lightning.mlflow_store import ensure_store
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +23,10 @@ _PARAM_MAX = 6000
 
 
 def prepare_store(tracking_uri: str) -> None:
-    """Make the folder of a local SQLite store (MLflow creates the database, not its parent folder)."""
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    """Before MLflow opens a local SQLite store: create a new one whole (never half-migrated, even when killed
+    mid-creation; parallel first runs wait for one creator), or stop with one line (MlflowStoreError) when the
+    existing file is half-migrated, at another schema revision or not an MLflow store. See mlflow_store.py."""
+    ensure_store(tracking_uri)
 
 
 def make_logger(

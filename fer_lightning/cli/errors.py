@@ -26,12 +26,13 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from fer_lightning.formats.registry import DataFormatError
     from fer_lightning.mlflow_retry import TrackingUnavailableError
     from fer_lightning.mlflow_spool import SpoolError
+    from fer_lightning.mlflow_store import MlflowStoreError
     from fer_lightning.models.backbones import WeightsMismatchError, WeightsNotFoundError
     from fer_lightning.predict import PredictInputError
 
     return (ConfigError, DataCheckError, DataConfigError, DataFormatError, ImageDecodeError, WeightsNotFoundError,
             WeightsMismatchError, SplitError, LeakageError, CheckpointError, PredictInputError, FaceDetectorError,
-            ExportError, BenchConfigError, SpoolError, TrackingUnavailableError)  # fmt: skip
+            ExportError, BenchConfigError, SpoolError, TrackingUnavailableError, MlflowStoreError)  # fmt: skip
 
 
 @contextlib.contextmanager
