@@ -79,6 +79,7 @@ def build_module(cfg: DictConfig, dm: FERDataModule) -> FERModule:
         tta=str(cfg.eval.tta),
         channels_last=bool(cfg.model.get("channels_last", False)),
         compile=bool(cfg.model.get("compile", False)),
+        augment=OmegaConf.to_container(cfg.augment, resolve=True),
         preprocessing={
             "image_size": size,
             "channels": channels,

@@ -20,7 +20,7 @@ from fer_lightning.data.dataset import FERDataset
 from fer_lightning.data.records import SPLITS
 from fer_lightning.data.resumable import ResumableLoader
 from fer_lightning.data.sampling import EpochSampler
-from fer_lightning.data.transforms import build_train_transform
+from fer_lightning.data.transforms import augment_where, build_train_transform
 from fer_lightning.taxonomy import AUTO_CLASSES, FIRST_EXTRA_ID, Taxonomy, class_order, is_auto, normalize_name
 
 log = logging.getLogger(__name__)
@@ -30,9 +30,12 @@ class DataConfigError(ValueError):
     """A data setting that cannot work; the message names the config key."""
 
 
-def resolve_num_workers(value: Any) -> int:
-    """`auto` -> one worker per spare core (at most 8); otherwise the given count."""
+def resolve_num_workers(value: Any, *, light_items: bool = False) -> int:
+    """`auto` -> no worker processes when items are cache slices with nothing to do per item (light_items), else
+    one worker per spare core (at most 8); otherwise the given count."""
     if value in (None, "auto"):
+        if light_items:
+            return 0  # a worker would only copy memmap slices and pickle them back: slower than doing it here
         return max(0, min(8, (os.cpu_count() or 1) - 1))
     n = int(value)
     if n < 0:
@@ -72,7 +75,10 @@ class FERDataModule(pl.LightningDataModule):
         classes = self.cfg.get("classes", AUTO_CLASSES)
         if not is_auto(classes) and not self._unknown_class_names(classes):
             self._set_classes(self._resolve_listed(classes))
-        self.num_workers = resolve_num_workers(self.cfg.get("num_workers", "auto"))
+        self.num_workers = resolve_num_workers(
+            self.cfg.get("num_workers", "auto"),
+            light_items=bool(self.cfg.get("cache", True)) and augment_where(self.augment) == "batch",
+        )
         self.records: pd.DataFrame | None = None
         self.check_report: CheckReport | None = None
         self.label_mapping: dict[str, str] = {}
@@ -358,6 +364,8 @@ class FERDataModule(pl.LightningDataModule):
         if self.records is None:
             self.records = self.load_records()
         class_index = {cid: i for i, cid in enumerate(self.class_ids)}
+        # augment.where=batch: the module augments the assembled batch on its device; the loader only copies
+        in_loader = augment_where(self.augment) == "loader"
         size, channels = int(self.cfg["image_size"]), int(self.cfg["channels"])
         for split in SPLITS:
             part = self.records[self.records["split"] == split].reset_index(drop=True)
@@ -385,8 +393,8 @@ class FERDataModule(pl.LightningDataModule):
                 channels=channels,
                 image_source=source,
                 draft=bool(self.cfg.get("draft", True)),
-                hflip=float(self.augment.get("hflip", 0.0)) if train else 0.0,
-                transform=build_train_transform({**self.augment, "hflip": 0.0}) if train else None,
+                hflip=float(self.augment.get("hflip", 0.0)) if train and in_loader else 0.0,
+                transform=build_train_transform({**self.augment, "hflip": 0.0}) if train and in_loader else None,
                 landmarks=self.landmarks,
             )
 

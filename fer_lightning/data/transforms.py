@@ -8,9 +8,21 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from fer_lightning.config import ConfigError
+
+WHERE_CHOICES: tuple[str, ...] = ("batch", "loader")
+
+
+def augment_where(cfg: Mapping[str, Any] | None) -> str:
+    """augment.where, checked: batch (the default: the module augments the batch on its device) or loader."""
+    where = str((cfg or {}).get("where", "batch"))
+    if where not in WHERE_CHOICES:
+        raise ConfigError(f"augment.where={where!r} is not one of {', '.join(WHERE_CHOICES)}")
+    return where
+
 
 def build_train_transform(cfg: Mapping[str, Any]) -> v2.Transform | None:
-    """Compose the augmentation from the `augment` config group; None when everything is off."""
+    """Compose the per-item augmentation (augment.where=loader) from the `augment` group; None when all is off."""
     steps: list[v2.Transform] = []
     if float(cfg.get("hflip", 0.0)) > 0:
         steps.append(v2.RandomHorizontalFlip(p=float(cfg["hflip"])))
@@ -22,6 +34,8 @@ def build_train_transform(cfg: Mapping[str, Any]) -> v2.Transform | None:
     brightness, contrast = float(cfg.get("brightness", 0.0)), float(cfg.get("contrast", 0.0))
     if brightness or contrast:
         steps.append(v2.ColorJitter(brightness=brightness, contrast=contrast))
+    if float(cfg.get("erasing", 0.0)) > 0:
+        steps.append(v2.RandomErasing(p=float(cfg["erasing"])))
     if not steps:
         return None
     return v2.Compose(steps)

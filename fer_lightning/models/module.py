@@ -15,6 +15,7 @@ from fer_lightning.losses import ExpressionLoss, class_weights, landmark_loss, v
 from fer_lightning.metrics import ExpressionMetricSuite, VAMetricSuite
 from fer_lightning.mixing import Mix, Mixer, mix_images, mix_targets, mixed_expression_loss
 from fer_lightning.models.backbones import build_backbone
+from fer_lightning.models.batch_augment import BatchAugment, augment_where
 from fer_lightning.models.heads import MultiTaskHead
 from fer_lightning.tta import check_tta, tta_outputs
 
@@ -48,6 +49,7 @@ class FERModule(pl.LightningModule):
         tta: str = "none",
         channels_last: bool = False,
         compile: bool = False,
+        augment: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
@@ -60,6 +62,14 @@ class FERModule(pl.LightningModule):
         if self.mixer is not None and landmarks:
             raise ConfigError("model.mixup/model.cutmix cannot be combined with model.landmarks=true: a mixed image "
                               "has no landmarks; set the alphas to 0 or model.landmarks=false")  # fmt: skip
+        # train-split augmentation on the batch (augment.where=batch); None when it runs in the loader or is off
+        self.batch_augment = None
+        if augment is not None and augment_where(augment) == "batch":
+            batch_augment = BatchAugment({k: v for k, v in augment.items() if k != "where"}, image_size)
+            if batch_augment.enabled and landmarks:
+                raise ConfigError("augment.where=batch moves the images but not their landmarks; with "
+                                  "model.landmarks=true set augment.where=loader (flips and shifts landmarks too)")  # fmt: skip
+            self.batch_augment = batch_augment if batch_augment.enabled else None
         # settable after loading (fer-eval / fer-predict eval.tta=...)
         self.tta = check_tta(tta)
         bb = dict(backbone)
@@ -128,9 +138,14 @@ class FERModule(pl.LightningModule):
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = batch["image"]
+        if self.batch_augment is not None:
+            x = self.batch_augment(images)  # float in [0, 1]
+            images = x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
         mix = self.mixer.draw(images.shape[0], *images.shape[-2:], device=images.device) if self.mixer else None
         if mix is not None:
-            images = mix_images(normalize_on_device(images, self.mean, self.std), mix)
+            if images.dtype == torch.uint8:
+                images = normalize_on_device(images, self.mean, self.std)
+            images = mix_images(images, mix)
         out = self(images)
         parts = self.losses(out, batch, mix)
         valid = batch["expression"] >= 0
