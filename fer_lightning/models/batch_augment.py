@@ -26,8 +26,10 @@ TRANSFORM_KEYS: frozenset[str] = frozenset(
 
 def _number(cfg: Mapping[str, Any], key: str, low: float, high: float | None = None) -> float:
     value = cfg.get(key, 0.0)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (
-        low <= value and (high is None or value <= high)
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not (low <= value and (high is None or value <= high))
     ):
         allowed = f"a number in [{low:g}, {high:g}]" if high is not None else f"a number >= {low:g}"
         raise ConfigError(f"augment.{key}={value!r} is invalid: allowed {allowed}")
