@@ -44,7 +44,8 @@ from PIL import Image
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader, Dataset
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from fer_lightning.config_dir import CONF_DIR, compose_config
+
 SECTIONS = ("data", "train", "growth", "records")
 # ImageNet statistics, as the naive scripts and this framework both use them
 _MEAN, _STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -392,12 +393,9 @@ def write_affectnet_csvs(
 # ------------------------------------------------------------------------------------------ configs
 def compose_train_config(work: Path, overrides: Sequence[str]):  # -> DictConfig
     """The real fer-train config (conf/train.yaml) with these overrides, paths inside `work`, no MLflow run."""
-    from hydra import compose, initialize_config_dir
-
     base = [f"paths.root_dir={work}", f"paths.output_dir={work / 'out'}", f"paths.cache_dir={work / 'cache'}",
             "logger=none"]  # fmt: skip
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("train", overrides=[*base, *overrides])
+    return compose_config("train", [*base, *overrides])
 
 
 @dataclasses.dataclass

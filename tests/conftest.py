@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from fer_lightning.config_dir import compose_config
 
 # two cores shared with data workers: keep torch from oversubscribing them
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -69,7 +68,6 @@ def make_cfg(tmp_path: Path, shared_cache: Path, mlflow_db: str) -> Callable[...
         ]
         if debug:
             base.append(f"debug={debug}")
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose("train", overrides=[*base, *overrides])
+        return compose_config("train", [*base, *overrides])
 
     return _make

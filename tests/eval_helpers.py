@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 from PIL import Image
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from fer_lightning.config_dir import compose_config
+
 VIA_HEADER = "filename,file_size,file_attributes,region_count,region_id,region_shape_attributes,region_attributes\n"
 
 
@@ -39,8 +39,7 @@ def compose_cfg(name: str, root: Path, cache: Path, tracking_uri: str, *override
             "trainer.enable_progress_bar=false",
             "debug=fast",
         ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=[*base, *overrides])
+    return compose_config(name, [*base, *overrides])
 
 
 def write_class_folder(

@@ -17,11 +17,11 @@ from cli_runs import (
     training_runs,
 )
 from eval_helpers import private_store
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from mlflow import MlflowClient
 
 from fer_lightning.config import ConfigError
+from fer_lightning.config_dir import compose_config
 from fer_lightning.distributed import check_launch, reruns_command_line
 from fer_lightning.train import train
 
@@ -46,7 +46,6 @@ EQUIVALENT = [
 # only the summation order differs (two half-batch gradients averaged): float32 rounding, far below 1e-4
 TOLERANCE = 1e-4
 TIMEOUT_S = 300
-CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _final_metrics(uri: str, run_id: str) -> dict[str, float]:
@@ -133,8 +132,7 @@ def test_local_sweep_with_ddp_is_refused_before_anything_runs(tmp_path, shared_c
 
 def test_ddp_in_a_multirun_is_refused(make_cfg):
     cfg = make_cfg("trainer=ddp", "logger=none")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        hydra_cfg = compose("train", overrides=["hydra.mode=MULTIRUN"], return_hydra_config=True)
+    hydra_cfg = compose_config("train", ["hydra.mode=MULTIRUN"], return_hydra_config=True)
     HydraConfig.instance().set_config(hydra_cfg)
     try:
         with pytest.raises(ConfigError, match="would start the whole sweep again.*trainer=ddp_spawn"):

@@ -14,19 +14,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from hydra import compose, initialize_config_dir
 from layouts import write_affectnet_npy, write_image, write_image_folder, write_via_metadata
 from mlflow import MlflowClient
 from scipy.stats import entropy
 
 from fer_lightning import explore_stats as st
 from fer_lightning.config import ConfigError
+from fer_lightning.config_dir import compose_config
 from fer_lightning.data.datamodule import FERDataModule
 from fer_lightning.data.records import make_records
 from fer_lightning.explore import ExploreOptions, explore, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 EPS = 1e-6  # explore.kl_epsilon's default in conf/explore.yaml
 
 # The fixture: classes neutral/happy/sad, one (valence, arousal) point per class, and one val sample on the
@@ -52,8 +51,7 @@ def _compose(tmp: Path, store: str, *overrides: str):
         f"logger.tracking_uri={store}",
         f"logger.artifact_location={tmp / 'mlruns' / 'artifacts'}",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("explore", overrides=[*base, *overrides])
+    return compose_config("explore", [*base, *overrides])
 
 
 AFFECTNET_OVERRIDES = ("data=affectnet_npy", "data.reader.official_val_split=val", "data.classes=[neutral,happy,sad]",

@@ -118,15 +118,13 @@ def test_parity_check_catches_a_model_that_differs(loaded, tmp_path):
 
 
 def test_cli_prints_the_parity_and_writes_next_to_the_checkpoint(loaded, tmp_path, capsys):
-    from hydra import compose, initialize_config_dir
-
     from fer_lightning.cli.export import run
+    from fer_lightning.config_dir import compose_config
 
     ckpt, _, _ = loaded
     local = tmp_path / "best.ckpt"
     local.write_bytes(Path(ckpt).read_bytes())
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("export", overrides=[f"ckpt_path={local}", "format=onnx"])
+    cfg = compose_config("export", [f"ckpt_path={local}", "format=onnx"])
     path = run(cfg)
     assert path == tmp_path / "best.onnx" and path.is_file()
     out = capsys.readouterr().out

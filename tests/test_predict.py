@@ -285,10 +285,9 @@ def test_cli_writes_the_csv_and_lists_problems_on_stderr(rgb_ckpt, tmp_path):
 
 
 def _predict_cfg(*overrides: str):
-    from hydra import compose, initialize_config_dir
+    from fer_lightning.config_dir import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("predict", overrides=list(overrides))
+    return compose_config("predict", overrides)
 
 
 def test_bad_checkpoint_and_missing_keys_are_one_line_exit_2(tmp_path, capsys):

@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import slurm_helpers as sh
 
+from fer_lightning.config_dir import CONF_DIR
+
 pytestmark = [pytest.mark.slurm, sh.requires_slurm]
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -184,7 +186,7 @@ def test_hydra_slurm_launcher_config_runs_a_sweep(tmp_path: Path) -> None:
         textwrap.dedent(
             f"""
             hydra:
-              searchpath: ["file://{REPO_ROOT / "conf"}"]
+              searchpath: ["file://{CONF_DIR}"]
               sweep: {{dir: "{sweep_dir}", subdir: "${{hydra.job.num}}"}}
               job: {{name: {job_name}}}
             trainer: {{num_nodes: 1, devices: 2}}

@@ -6,20 +6,18 @@ import json
 import re
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 import slurm_helpers as sh
 from cli_runs import base_overrides, history, train_command, train_env, training_runs
 from eval_helpers import private_store
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
 from fer_lightning.config import ConfigError
+from fer_lightning.config_dir import compose_config
 from fer_lightning.resume import RUN_FILE, RunSession
 from fer_lightning.slurm import Requeued, job_resources, requeue_in
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 EPOCHS = 5
 STEPS_PER_EPOCH = 3  # debug=fast
 TIMEOUT_S = 420
@@ -29,13 +27,12 @@ TIMEOUT_S = 420
 
 
 def test_launcher_config_follows_the_trainer_config():
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            "train",
-            overrides=["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=3",
-                       "paths.root_dir=/tmp/x", "paths.output_dir=/tmp/x/o"],
-            return_hydra_config=True,
-        )  # fmt: skip
+    cfg = compose_config(
+        "train",
+        ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=3",
+         "paths.root_dir=/tmp/x", "paths.output_dir=/tmp/x/o"],
+        return_hydra_config=True,
+    )  # fmt: skip
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.fer_lightning_launcher.SlurmLauncher"
     assert launcher.tasks_per_node == 4 and launcher.nodes == 3 and launcher.gpus_per_node is None

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from hydra import compose, initialize_config_dir
 from mlflow import MlflowClient
 
+from fer_lightning.config_dir import compose_config
 from fer_lightning.mlflow_spool import SPOOL_NAME, read_spool
 from fer_lightning.mlflow_spool import main as sync_main
 from fer_lightning.train import train
@@ -109,12 +109,10 @@ def _only_run(client: MlflowClient, experiment: str):
 def test_tracking_uri_env_var_selects_the_server(monkeypatch):
     # the documented switch: MLFLOW_TRACKING_URI=http://... (no logger.* override) becomes logger.tracking_uri
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.root_dir=/somewhere", "paths.output_dir=/somewhere/out"])
+    cfg = compose_config("train", ["paths.root_dir=/somewhere", "paths.output_dir=/somewhere/out"])
     assert cfg.logger.tracking_uri == "http://127.0.0.1:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["paths.root_dir=/somewhere", "paths.output_dir=/somewhere/out"])
+    cfg = compose_config("train", ["paths.root_dir=/somewhere", "paths.output_dir=/somewhere/out"])
     assert cfg.logger.tracking_uri == "sqlite:////somewhere/mlruns/mlflow.db"
 
 

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from mlflow import MlflowClient
 
 from fer_lightning.config import ConfigError
+from fer_lightning.config_dir import CONF_DIR
 from fer_lightning.data.datamodule import DataConfigError
 from fer_lightning.losses import ConfigError as LossConfigError
 from fer_lightning.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 
 
 def _client(cfg) -> MlflowClient:

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
+from fer_lightning.config_dir import CONF_DIR
 from fer_lightning.data.transforms import build_train_transform, normalize_on_device
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def _group(option: str) -> dict:

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from fer_lightning.config_dir import compose_config
 
 
 def trained_checkpoint(tmp_path_factory, cache_dir: Path, name: str, *overrides: str) -> Path:
@@ -27,8 +25,7 @@ def trained_checkpoint(tmp_path_factory, cache_dir: Path, name: str, *overrides:
         "trainer.enable_progress_bar=false",
         "debug=fast",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=[*base, *overrides])
+    cfg = compose_config("train", [*base, *overrides])
     best = Path(train(cfg)["best_checkpoint"])
     marker.write_text(str(best))
     return best

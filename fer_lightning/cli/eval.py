@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from fer_lightning.cli.errors import user_errors
-
-# absolute, so the console script finds conf/ from any working directory
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from fer_lightning.config_dir import CONFIG_PATH
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _main(cfg: DictConfig) -> None:
     from fer_lightning.evaluate import evaluate
 

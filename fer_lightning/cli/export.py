@@ -10,7 +10,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fer_lightning.cli.errors import user_errors
-from fer_lightning.cli.predict import CONF_DIR, require
+from fer_lightning.cli.predict import require
+from fer_lightning.config_dir import CONFIG_PATH
 
 
 def _parity_images(spec: str, hparams: dict) -> np.ndarray:
@@ -50,7 +51,7 @@ def run(cfg: DictConfig) -> Path:
     return result.path
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

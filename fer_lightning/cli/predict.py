@@ -9,9 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from fer_lightning.cli.errors import user_errors
-
-# absolute: a console script imports this module by name, and Hydra would read a relative path as package "conf"
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+from fer_lightning.config_dir import CONFIG_PATH
 
 
 def require(cfg: DictConfig, *keys: str) -> None:
@@ -59,7 +57,7 @@ def run(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def _main(cfg: DictConfig) -> None:
     with user_errors():
         run(cfg)

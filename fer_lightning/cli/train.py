@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from fer_lightning.cli.errors import user_errors
+from fer_lightning.config_dir import CONFIG_PATH
 from fer_lightning.sweep import exit_code as sweep_exit_code
 from fer_lightning.sweep import job_errors
 
 log = logging.getLogger("fer_lightning")
 
 
-# absolute, so the console script finds conf/ from any working directory
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
-
-
-@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     from fer_lightning.train import train
 
