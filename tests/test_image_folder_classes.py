@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from layouts import write_image
+from realdata import CK48, requires_ckplus48
 
 from fer_lightning.data.checks import DataCheckError, run_checks
 from fer_lightning.data.datamodule import DataConfigError, FERDataModule
@@ -32,8 +32,6 @@ VIA_JSON = (
     b'im450.png,1707,"{""gender"":""male"",""age"":""young""}",0,0,{},{}\n'
 )
 VIA_HEADER = b"filename,file_size,file_attributes,region_count,region_id,region_shape_attributes,region_attributes"
-CK48 = Path(os.environ.get("FER_REALDATA") or Path(__file__).resolve().parents[1].parent / "shared/realdata")
-CK48 = CK48 / "ckplus48/CK+48"
 CK48_COUNTS = {"anger": 135, "contempt": 54, "disgust": 177, "fear": 75, "happy": 207, "sadness": 84, "surprise": 249}
 
 
@@ -287,9 +285,7 @@ def test_train_with_auto_classes_on_class_folders(make_cfg, tmp_path):
 
 # ------------------------------------------------------------------------------------------ real data
 @pytest.mark.realdata
-@pytest.mark.skipif(
-    not CK48.is_dir(), reason=f"real CK+48 images not found at {CK48} (FER_REALDATA: the folder holding ckplus48/)"
-)
+@requires_ckplus48
 def test_real_ckplus48_folder_as_published(make_cfg, tmp_path):
     records = read_records("image_folder", CK48)
     assert records["label_raw"].value_counts().to_dict() == CK48_COUNTS

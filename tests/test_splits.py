@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from realdata import CK48, requires_ckplus48
 
 from fer_lightning.data.records import make_records
 from fer_lightning.data.splits import (
@@ -21,9 +21,6 @@ from fer_lightning.data.splits import (
     stratified_holdout,
     stratified_split,
 )
-
-REALDATA = Path(os.environ.get("FER_REALDATA") or Path(__file__).resolve().parents[2] / "shared/realdata")
-CK48 = REALDATA / "ckplus48/CK+48"
 
 
 def _records(class_counts: dict[int | None, int], split: str = "train", prefix: str = "") -> pd.DataFrame:
@@ -341,7 +338,7 @@ CK48_IDS = {"anger": 6, "contempt": 7, "disgust": 5, "fear": 4, "happy": 1, "sad
 
 
 @pytest.mark.realdata
-@pytest.mark.skipif(not CK48.is_dir(), reason=f"real CK+48 images not found at {CK48} (set FER_REALDATA)")
+@requires_ckplus48
 def test_real_ckplus48_subject_disjoint_split_and_folds():
     files = sorted(CK48.glob("*/*.png"))
     rec = make_records(
