@@ -12,8 +12,6 @@ from fer_lightning.data.datamodule import DataConfigError
 from fer_lightning.losses import ConfigError as LossConfigError
 from fer_lightning.train import train
 
-CONF = CONF_DIR
-
 
 def _client(cfg) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.logger.tracking_uri)
@@ -89,8 +87,8 @@ def test_invalid_config_refused_at_start_naming_the_key(make_cfg, override, erro
         train(cfg)
 
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-BACKBONES = sorted(p.stem for p in (CONF / "backbone").glob("*.yaml"))
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+BACKBONES = sorted(p.stem for p in (CONF_DIR / "backbone").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
