@@ -208,8 +208,9 @@ class ExpressionLoss(nn.Module):
                 f"{num_classes} logits: compute the weights from the same data.classes"
             )
         keep = target != self.ignore_index
-        if target.device.type == "cpu":
-            # the range check reads values on the host: free on the CPU, a device sync elsewhere, so CPU only
+        if not self.training:
+            # reading the check's result waits for the device, so only outside the training step; there, an
+            # out-of-range target still fails in gather (index out of bounds / device-side assert)
             bad = keep & ((target < 0) | (target >= num_classes))
             if bool(bad.any()):
                 raise ValueError(
@@ -251,29 +252,46 @@ def ccc(pred: Tensor, target: Tensor) -> Tensor:
     return 2.0 * cov / denom.clamp_min(1e-12)
 
 
+def _masked_ccc(p: Tensor, t: Tensor, m: Tensor) -> Tensor:
+    """CCC over the rows where m is 1 (population statistics), from sums: no boolean indexing, no host sync."""
+    n = m.sum().clamp_min(1.0)
+    mp, mt = (p * m).sum() / n, (t * m).sum() / n
+    dp, dt = (p - mp) * m, (t - mt) * m
+    cov = (dp * dt).sum() / n
+    denom = dp.pow(2).sum() / n + dt.pow(2).sum() / n + (mp - mt).pow(2)
+    return 2.0 * cov / denom.clamp_min(1e-12)
+
+
 def va_loss(pred: Tensor, target: Tensor, *, kind: str = "ccc") -> Tensor:
-    """Valence/arousal loss over rows whose target is not NaN, per column, averaged over columns that have any."""
+    """Valence/arousal loss over rows whose target is not NaN, per column, averaged over columns that have any.
+
+    Written with masks and sums (torch.where, never boolean indexing) so the training step makes no host sync.
+    """
     if kind not in VA_KINDS:
         raise ConfigError(f"loss.va must be one of {', '.join(VA_KINDS)} (got {kind!r})")
     if pred.ndim != 2 or pred.shape != target.shape:
         raise ValueError(
             f"va_loss: expected pred and target of shape (B, 2), got {tuple(pred.shape)} and {tuple(target.shape)}"
         )
-    terms = []
-    for col in range(pred.shape[1]):
-        valid = ~torch.isnan(target[:, col])
-        p = pred[valid, col].float()
-        t = target[valid, col].float()
-        if p.numel() == 0:
-            continue
-        if kind == "ccc" and p.numel() >= 2:
-            terms.append(1.0 - ccc(p, t))
+    p = pred.float()
+    valid = ~torch.isnan(target)
+    t = torch.where(valid, target.float(), torch.zeros_like(p))
+    m = valid.to(p.dtype)
+    terms, present = [], []
+    for col in range(p.shape[1]):
+        pc, tc, mc = p[:, col], t[:, col], m[:, col]
+        n = mc.sum()
+        mse = ((pc - tc).pow(2) * mc).sum() / n.clamp_min(1.0)
+        if kind == "ccc":
+            # one valid row has no variance, so CCC is undefined: MSE still pulls it toward the target
+            term = torch.where(n >= 2, 1.0 - _masked_ccc(pc, tc, mc), mse)
         else:
-            # One valid row has no variance, so CCC is undefined: MSE still pulls it toward the target.
-            terms.append(F.mse_loss(p, t))
-    if not terms:
-        return pred.sum() * 0.0
-    return torch.stack(terms).mean()
+            term = mse
+        terms.append(term)
+        present.append((n > 0).to(p.dtype))
+    terms_t, present_t = torch.stack(terms), torch.stack(present)
+    # columns without any target drop out of the mean; no target at all gives 0 with a gradient path
+    return (terms_t * present_t).sum() / present_t.sum().clamp_min(1.0) + pred.sum() * 0.0
 
 
 def landmark_loss(pred: Tensor, target: Tensor, *, beta: float = 0.01) -> Tensor:
@@ -284,6 +302,7 @@ def landmark_loss(pred: Tensor, target: Tensor, *, beta: float = 0.01) -> Tensor
             f"{tuple(target.shape)}"
         )
     valid = ~torch.isnan(target)
-    if not bool(valid.any()):
-        return pred.sum() * 0.0
-    return F.smooth_l1_loss(pred[valid].float(), target[valid].float(), beta=beta)
+    p = pred.float()
+    t = torch.where(valid, target.float(), p.detach())
+    per = F.smooth_l1_loss(p, t, beta=beta, reduction="none") * valid.to(p.dtype)
+    return per.sum() / valid.sum().clamp_min(1).to(p.dtype) + pred.sum() * 0.0

@@ -177,7 +177,11 @@ def test_expression_loss_rejects_bad_input():
     with pytest.raises(ValueError, match="4 class weights but the model outputs 5 logits"):
         ExpressionLoss(torch.ones(4))(logits, target)
     target[0] = 7
+    # outside the training step the target is checked with a clear message ...
     with pytest.raises(ValueError, match=r"target 7 is outside \[0, 5\)"):
+        ExpressionLoss(None).eval()(logits, target)
+    # ... inside it the check would cost a host sync per step, and gather still refuses the index
+    with pytest.raises(RuntimeError, match="out of bounds"):
         ExpressionLoss(None)(logits, target)
     with pytest.raises(ConfigError, match="loss.gamma"):
         ExpressionLoss(None, focal_gamma=-1.0)
@@ -399,5 +403,7 @@ def test_weight_ratio_warning_names_the_capping_beta():
     assert msg is not None and f"{ratio:.0f}x apart" in msg
     capped = beta_for_ratio(counts, 100.0)
     assert f"loss.beta={capped:.6g}" in msg
-    assert weight_ratio_warning(counts, class_weights(counts, "class_balanced", beta=0.9), "class_balanced", 0.9) is None
+    assert (
+        weight_ratio_warning(counts, class_weights(counts, "class_balanced", beta=0.9), "class_balanced", 0.9) is None
+    )
     assert weight_ratio_warning(counts, None, "none", 0.0) is None

@@ -36,11 +36,43 @@ def _number(cfg: Mapping[str, Any], key: str, low: float, high: float | None = N
     return float(value)
 
 
+class RandomFlip(nn.Module):
+    """Mirror each image with probability p; a mask product, so no host sync (kornia's flip checks on the host)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < self.p
+        return torch.where(flip, x.flip(-1), x)
+
+
+class RandomShift(nn.Module):
+    """Shift each image by its own integer (dy, dx) in [-pad, pad], filling with 0: a gather, no resampling and no
+    host sync (kornia's slice-mode crop reads the offsets on the host)."""
+
+    def __init__(self, pad: int):
+        super().__init__()
+        self.pad = int(pad)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        p = self.pad
+        dy = torch.randint(-p, p + 1, (b, 1), device=x.device)
+        dx = torch.randint(-p, p + 1, (b, 1), device=x.device)
+        rows = torch.arange(h, device=x.device)[None, :] + p - dy  # out[y] = in[y - dy]
+        cols = torch.arange(w, device=x.device)[None, :] + p - dx
+        padded = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
+        batch = torch.arange(b, device=x.device)[:, None, None]
+        return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 class BatchAugment(nn.Module):
     """uint8 (B,C,H,W) -> augmented float in [0, 1] (train split only); independent draws per sample.
 
     Randomness comes from torch's global generator (kornia draws from it), so seed_everything makes a run repeatable.
-    A pure translation is an integer-pixel shift (a padded crop, no resampling); rotation or scale use an affine warp.
+    Flip and a pure translation (an integer-pixel shift) are our own two sync-free ops; rotation or scale use an affine warp.
     """
 
     def __init__(self, cfg: Mapping[str, Any], image_size: int):
@@ -63,13 +95,12 @@ class BatchAugment(nn.Module):
         erasing = _number(cfg, "erasing", 0.0, 1.0)
         steps: list[nn.Module] = []
         if hflip > 0:
-            steps.append(K.RandomHorizontalFlip(p=hflip))
+            steps.append(RandomFlip(hflip))
         if rotation or scale != (1.0, 1.0):
             steps.append(K.RandomAffine(degrees=rotation, translate=(translate, translate) if translate else None,
                                         scale=scale, p=1.0))  # fmt: skip
         elif translate:
-            pad = max(1, round(translate * image_size))
-            steps.append(K.RandomCrop((image_size, image_size), padding=pad, cropping_mode="slice"))
+            steps.append(RandomShift(max(1, round(translate * image_size))))
         if brightness or contrast:
             steps.append(K.ColorJiggle(brightness=brightness, contrast=contrast, p=1.0))
         if erasing:
