@@ -174,11 +174,16 @@ class FERDataModule(pl.LightningDataModule):
         empty = [n for n, k in counts.items() if k == 0]
         if not empty:
             return
-        keep = [n for n in self.class_names if n not in empty]
-        auto = " (data.classes=auto took every class found)" if is_auto(self.cfg.get("classes")) else ""
+        if is_auto(self.cfg.get("classes")):
+            fix = "add training images of them (data.classes=auto took every class found)"
+        else:
+            fix = (
+                "data.classes=auto takes the classes the data set has; or add training images of them "
+                "(data.classes lists classes the model must output)"
+            )
         raise DataConfigError(
-            f"classes {empty} have no training sample after the split of {self.root} (train counts {counts}){auto}; "
-            f"leave them out with data.classes=[{','.join(keep)}], or add training images of them"
+            f"classes {empty} have no training sample after the split of {self.root} (train counts {counts}): "
+            f"a class without training samples cannot be learnt; {fix}"
         )
 
     # ----------------------------------------------------------------- records
