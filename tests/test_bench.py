@@ -163,7 +163,8 @@ EXPECTED = [
     "peak_rss_mb_300", "records_read_300_s", "records_read_300_rows_per_s", "records_checks_300_s",
     "records_checks_300_rows_per_s", "datamodule_setup_300_s", "rss_baseline_mb", "bench_seconds",
     "small_gray48_train_img_s_1x48", "small_gray48_train_img_s_3x48", "small_gray48_train_img_s_1x64",
-    "small_gray48_1ch_vs_3ch_speed",
+    "small_gray48_1ch_vs_3ch_speed", "data_warm_batch_augment_1w_img_s", "data_warm_batch_augment_strong_1w_img_s",
+    "data_speedup_warm_batch_augment_vs_naive",
 ]  # fmt: skip
 
 
@@ -179,6 +180,9 @@ def test_tiny_bench_writes_every_figure(tmp_path: Path, capsys) -> None:
     assert res["data_speedup_cold_vs_naive"] == pytest.approx(res["data_cold_1w_img_s"] / res["data_naive_1w_img_s"])
     assert res["lightning_overhead_pct"] == pytest.approx(
         (res["train_step_ms_lightning"] / res["train_step_ms_plain"] - 1) * 100
+    )
+    assert res["data_speedup_warm_batch_augment_vs_naive"] == pytest.approx(
+        res["data_warm_batch_augment_1w_img_s"] / res["data_naive_1w_img_s"]
     )
     assert res["small_gray48_1ch_vs_3ch_speed"] == pytest.approx(
         res["small_gray48_train_img_s_1x48"] / res["small_gray48_train_img_s_3x48"]

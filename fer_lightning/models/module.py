@@ -136,11 +136,16 @@ class FERModule(pl.LightningModule):
         return parts
 
     # ----------------------------------------------------------------- steps
+    def augment_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """The training split's augmentation on the uint8 batch (augment.where=batch): normalized float out; the
+        batch unchanged when augmentation runs in the loader or is off."""
+        if self.batch_augment is None:
+            return images
+        x = self.batch_augment(images)  # float in [0, 1]
+        return x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images = batch["image"]
-        if self.batch_augment is not None:
-            x = self.batch_augment(images)  # float in [0, 1]
-            images = x.sub_(self.mean.view(1, -1, 1, 1)).div_(self.std.view(1, -1, 1, 1))
+        images = self.augment_batch(batch["image"])
         mix = self.mixer.draw(images.shape[0], *images.shape[-2:], device=images.device) if self.mixer else None
         if mix is not None:
             if images.dtype == torch.uint8:
