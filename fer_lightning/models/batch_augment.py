@@ -57,15 +57,16 @@ class RandomShift(nn.Module):
         self.pad = int(pad)
 
     def forward(self, x: Tensor) -> Tensor:
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
         p = self.pad
-        dy = torch.randint(-p, p + 1, (b, 1), device=x.device)
-        dx = torch.randint(-p, p + 1, (b, 1), device=x.device)
-        rows = torch.arange(h, device=x.device)[None, :] + p - dy  # out[y] = in[y - dy]
-        cols = torch.arange(w, device=x.device)[None, :] + p - dx
-        padded = torch.nn.functional.pad(x, (p, p, p, p)).permute(0, 2, 3, 1)  # (B, H+2p, W+2p, C)
-        batch = torch.arange(b, device=x.device)[:, None, None]
-        return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+        dy = torch.randint(-p, p + 1, (b, 1, 1, 1), device=x.device)
+        dx = torch.randint(-p, p + 1, (b, 1, 1, 1), device=x.device)
+        padded = torch.nn.functional.pad(x, (p, p, p, p))
+        # out[y, x] = in[y - dy, x - dx]: two gathers (rows, then columns) with per-sample offsets
+        rows = (torch.arange(h, device=x.device).view(1, 1, h, 1) + p - dy).expand(b, c, h, w + 2 * p)
+        out = padded.gather(2, rows)
+        cols = (torch.arange(w, device=x.device).view(1, 1, 1, w) + p - dx).expand(b, c, h, w)
+        return out.gather(3, cols)
 
 
 class BatchAugment(nn.Module):
@@ -93,26 +94,29 @@ class BatchAugment(nn.Module):
         brightness = _number(cfg, "brightness", 0.0, 1.0)
         contrast = _number(cfg, "contrast", 0.0, 1.0)
         erasing = _number(cfg, "erasing", 0.0, 1.0)
+        # flip and shift move whole pixels: run on the uint8 batch (4x less memory traffic), the rest on floats
+        exact: list[nn.Module] = []
         steps: list[nn.Module] = []
         if hflip > 0:
-            steps.append(RandomFlip(hflip))
+            exact.append(RandomFlip(hflip))
         if rotation or scale != (1.0, 1.0):
             steps.append(K.RandomAffine(degrees=rotation, translate=(translate, translate) if translate else None,
                                         scale=scale, p=1.0))  # fmt: skip
         elif translate:
-            steps.append(RandomShift(max(1, round(translate * image_size))))
+            exact.append(RandomShift(max(1, round(translate * image_size))))
         if brightness or contrast:
             steps.append(K.ColorJiggle(brightness=brightness, contrast=contrast, p=1.0))
         if erasing:
             steps.append(K.RandomErasing(p=erasing))
+        self.exact = nn.Sequential(*exact)
         self.steps = nn.Sequential(*steps)
 
     @property
     def enabled(self) -> bool:
-        return len(self.steps) > 0
+        return len(self.exact) + len(self.steps) > 0
 
     def forward(self, images: Tensor) -> Tensor:
         if images.dtype != torch.uint8:
             raise TypeError(f"BatchAugment expects the loader's uint8 batch, got {images.dtype}")
-        x = images.float().div_(255.0)
-        return self.steps(x).clamp_(0.0, 1.0) if self.enabled else x
+        x = self.exact(images).float().div_(255.0)
+        return self.steps(x).clamp_(0.0, 1.0) if len(self.steps) else x
