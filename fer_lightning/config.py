@@ -7,13 +7,10 @@ from typing import Any
 from omegaconf import DictConfig
 
 from fer_lightning.data.sampling import STRATEGIES
+from fer_lightning.errors import ConfigError
 
 CHECK_POLICIES = ("error", "warn", "drop")
 CHECK_DECODES = ("none", "header", "full")
-
-
-class ConfigError(ValueError):
-    """A config value outside its allowed range; the message names the key."""
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:

@@ -19,7 +19,7 @@ from lightning_fabric.plugins.environments import LSFEnvironment, SLURMEnvironme
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 # strategies whose extra ranks are processes spawned or forked from this one (nothing is re-run)
 _IN_PROCESS_LAUNCH = ("spawn", "fork", "notebook")

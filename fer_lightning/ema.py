@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EMAWeightAveraging
 from pytorch_lightning.trainer.states import TrainerFn
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 
 class EMA(EMAWeightAveraging):

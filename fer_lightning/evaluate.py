@@ -18,8 +18,8 @@ from pytorch_lightning.utilities import rank_zero_only
 from fer_lightning import tracking
 from fer_lightning.baselines import LOSS_CHOICES, SAMPLING_CHOICES
 from fer_lightning.checkpoints import CheckpointError, load_checkpoint
-from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import FERDataModule
+from fer_lightning.errors import ConfigError
 from fer_lightning.eval_artifacts import SampleCollector, StageSamples, split_records, write_eval_artifacts
 from fer_lightning.metrics import VA_KEYS
 from fer_lightning.taxonomy import FIRST_EXTRA_ID, Taxonomy, is_auto, normalize_name

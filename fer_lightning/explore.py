@@ -25,8 +25,8 @@ from fer_lightning import explore_figures as figs
 from fer_lightning import explore_html as h
 from fer_lightning import explore_stats as st
 from fer_lightning import tracking
-from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import FERDataModule
+from fer_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

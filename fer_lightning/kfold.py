@@ -16,10 +16,10 @@ from omegaconf import DictConfig, open_dict
 
 from fer_lightning import sweep, tracking
 from fer_lightning.baselines import format_table, to_markdown
-from fer_lightning.config import ConfigError
 from fer_lightning.data.datamodule import DataConfigError
 from fer_lightning.data.records import SPLITS
 from fer_lightning.data.splits import SplitError, groups_per_split, kfold_assign
+from fer_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

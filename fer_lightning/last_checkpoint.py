@@ -17,8 +17,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
-from fer_lightning.config import ConfigError
 from fer_lightning.data.resumable import seed_epoch
+from fer_lightning.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

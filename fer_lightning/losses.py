@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # One ConfigError for the whole package, so the CLI's user-error handler catches loss errors too; re-exported here.
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 LOSS_NAMES: tuple[str, ...] = ("ce", "inverse_frequency", "class_balanced", "focal")
 WEIGHT_SCHEMES: tuple[str, ...] = ("none", "ce", "inverse_frequency", "class_balanced")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 
 @dataclass(frozen=True)

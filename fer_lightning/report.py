@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
 from fer_lightning.baselines import baseline_rows, to_markdown
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 from fer_lightning.plots import plot_heatmap, plot_leaderboard
 
 log = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fer_lightning import distributed, tracking
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 from fer_lightning.last_checkpoint import LAST_NAME
 
 log = logging.getLogger(__name__)

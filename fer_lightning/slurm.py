@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 from omegaconf import OmegaConf
 from pytorch_lightning.callbacks import Callback, Checkpoint
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 from fer_lightning.last_checkpoint import LastCheckpoint, validation_follows
 
 log = logging.getLogger(__name__)

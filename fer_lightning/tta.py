@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 TTA_MODES = ("none", "hflip")
 

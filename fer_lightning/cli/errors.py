@@ -15,12 +15,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the answer to the user (bad config, bad data, missing weights)."""
     from fer_lightning.bench import BenchConfigError
     from fer_lightning.checkpoints import CheckpointError
-    from fer_lightning.config import ConfigError
     from fer_lightning.data.checks import DataCheckError
     from fer_lightning.data.datamodule import DataConfigError
     from fer_lightning.data.images import ImageDecodeError
     from fer_lightning.data.leakage import LeakageError
     from fer_lightning.data.splits import SplitError
+    from fer_lightning.errors import ConfigError
     from fer_lightning.export import ExportError
     from fer_lightning.face_detect import FaceDetectorError
     from fer_lightning.formats.registry import DataFormatError

@@ -14,7 +14,7 @@ from fer_lightning.config_dir import CONFIG_PATH
 
 def require(cfg: DictConfig, *keys: str) -> None:
     """Stop with the missing key's name instead of OmegaConf's MissingMandatoryValue traceback."""
-    from fer_lightning.config import ConfigError
+    from fer_lightning.errors import ConfigError
 
     for key in keys:
         if OmegaConf.is_missing(cfg, key) or cfg.get(key) in (None, ""):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 WHERE_CHOICES: tuple[str, ...] = ("batch", "loader")
 

@@ -17,7 +17,7 @@ import torch
 import torchvision.models as tvm
 from torch import Tensor, nn
 
-from fer_lightning.config import ConfigError
+from fer_lightning.errors import ConfigError
 
 Builder = Callable[..., tuple[nn.Module, int]]
 

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fer_lightning.config import ConfigError
 from fer_lightning.data.transforms import augment_where
+from fer_lightning.errors import ConfigError
 
 __all__ = ["BatchAugment", "augment_where"]
 

@@ -9,8 +9,8 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from fer_lightning.config import ConfigError
 from fer_lightning.data.transforms import normalize_on_device
+from fer_lightning.errors import ConfigError
 from fer_lightning.losses import ExpressionLoss, class_weights, landmark_loss, va_loss
 from fer_lightning.metrics import ExpressionMetricSuite, VAMetricSuite
 from fer_lightning.mixing import Mix, Mixer, mix_images, mix_targets, mixed_expression_loss
