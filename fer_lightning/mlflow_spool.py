@@ -190,6 +190,9 @@ def upload(path: str | Path, tracking_uri: str | None = None) -> tuple[int, int]
     uri = tracking_uri or header["tracking_uri"]
     progress = _progress_path(spool_path)
     done = int(progress.read_text().strip() or 0) if progress.exists() else 0
+    from fer_lightning.mlflow_store import ensure_store
+
+    ensure_store(uri)  # a broken store gets its one line, not MLflow's traceback
     client = MlflowClient(tracking_uri=uri)
     sent = 0
     for index, call in enumerate(calls):

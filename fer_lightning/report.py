@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fer_lightning.baselines import baseline_rows, to_markdown
 from fer_lightning.errors import ConfigError
+from fer_lightning.mlflow_store import ensure_store
 from fer_lightning.plots import plot_heatmap, plot_leaderboard
 
 log = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ def _listed(rc: DictConfig, key: str) -> list[str] | None:
 def report(cfg: DictConfig) -> ReportResult:
     """fer-report: select runs as `cfg.report` says, write the leaderboard files, print the table."""
     rc = cfg.report
+    ensure_store(str(cfg.logger.tracking_uri))  # a broken store gets its one line, not MLflow's traceback
     client = MlflowClient(tracking_uri=str(cfg.logger.tracking_uri))
     runs = fetch_runs(
         client, experiment=rc.get("experiment"), parent_run_id=rc.get("parent_run_id"),

@@ -175,6 +175,9 @@ def _point_from_run_id(cfg: DictConfig, run_id: str) -> ResumePoint:
     from mlflow.exceptions import MlflowException
 
     uri = str(cfg.logger.tracking_uri)
+    from fer_lightning.mlflow_store import ensure_store
+
+    ensure_store(uri)  # a broken store gets its one line, not MLflow's traceback
     try:
         run = MlflowClient(tracking_uri=uri).get_run(run_id)
     except MlflowException as err:
