@@ -531,7 +531,7 @@ def bench_data(cfg: BenchConfig, sample: list[Path], work: Path, device: torch.d
 
     for key, option in (("warm_batch_aug_1w", "basic"), ("warm_batch_aug_strong_1w", "strong")):
         augment = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "augment" / f"{option}.yaml"))
-        batch_aug = BatchAugment({k: v for k, v in augment.items() if k != "where"}, size)
+        batch_aug = BatchAugment(augment, size)
 
         def augmented(batch: dict, batch_aug: BatchAugment = batch_aug) -> torch.Tensor:
             x = batch_aug(batch["image"].to(device, non_blocking=True))

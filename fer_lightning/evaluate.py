@@ -82,7 +82,10 @@ def _check_classes(data_cfg: dict[str, Any], hparams: dict[str, Any], ckpt_path:
     ckpt = list(hparams["class_names"])
     if is_auto(data_cfg.get("classes")):
         return  # the checkpoint's classes are used, and the data module refuses a class it cannot find
-    taxonomy = Taxonomy(data_cfg.get("extra_classes") or ())
+    try:
+        taxonomy = Taxonomy(data_cfg.get("extra_classes") or ())
+    except ValueError as err:
+        raise EvaluationError(str(err)) from err
     given = []
     for c in data_cfg["classes"]:
         cid = int(c) if isinstance(c, int) or str(c).isdigit() else taxonomy.id_of(str(c))

@@ -65,7 +65,7 @@ class FERModule(pl.LightningModule):
         # train-split augmentation on the batch (augment.where=batch); None when it runs in the loader or is off
         self.batch_augment = None
         if augment is not None and augment_where(augment) == "batch":
-            batch_augment = BatchAugment({k: v for k, v in augment.items() if k != "where"}, image_size)
+            batch_augment = BatchAugment(augment, image_size)
             if batch_augment.enabled and landmarks:
                 raise ConfigError("augment.where=batch moves the images but not their landmarks; with "
                                   "model.landmarks=true set augment.where=loader (flips and shifts landmarks too)")  # fmt: skip
